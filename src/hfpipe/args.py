@@ -1,0 +1,113 @@
+"""hfpipe's own typed config sections, beside the HF / TRL ones, and the device-aware defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from hfpipe.errors import ConfigError
+
+ModelSize = Literal["micro", "tiny", "small", "medium", "large", "xl"]
+
+
+@dataclass
+class DataArguments:
+    """Where the training text comes from and how it is split and packed."""
+
+    train_files: list[str] | None = field(
+        default=None, metadata={"help": "Local .txt/.jsonl/.json/.csv/.parquet files or globs to train on."}
+    )
+    validation_files: list[str] | None = field(
+        default=None, metadata={"help": "Local files or globs for validation. Default: a split of the training data."}
+    )
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset name (needs the network)."})
+    dataset_config: str | None = field(default=None, metadata={"help": "The Hub dataset's config name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split of the Hub dataset to train on."})
+    dataset_test_split: str | None = field(
+        default=None, metadata={"help": "Split of the Hub dataset to validate on. Default: a split of the train split."}
+    )
+    text_column: str = field(default="text", metadata={"help": "Column holding the text in jsonl/json/csv/parquet."})
+    validation_split_fraction: float = field(
+        default=0.05,
+        metadata={"help": "Fraction of training blocks held out (the last ones) when there is no validation data."},
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on at most this many validation blocks (faster evaluations)."}
+    )
+    block_size: int = field(default=256, metadata={"help": "Context length: text is packed into blocks of this size."})
+    data_cache_dir: str | None = field(
+        default=None, metadata={"help": "Where tokenized data and trained tokenizers are cached. Default: ~/.cache/hfpipe."}
+    )
+
+
+@dataclass
+class TokenizerArguments:
+    """The tokenizer: an existing one, or one trained on the training text for a from-scratch model."""
+
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "An existing tokenizer dir or Hub name. Default: the model's, or train one."}
+    )
+    tokenizer_type: Literal["bpe", "char"] = field(
+        default="bpe", metadata={"help": "Tokenizer to train from scratch: byte-level BPE or character-level."}
+    )
+    vocab_size: int = field(default=8192, metadata={"help": "Vocabulary size of a trained BPE tokenizer."})
+
+
+@dataclass
+class GPT2ShapeArguments:
+    """Shape of a from-scratch GPT-2: a size preset, any field overridable."""
+
+    model_size: ModelSize = field(
+        default="micro", metadata={"help": "Size preset: micro, tiny, small (124M), medium, large, xl (1.5B)."}
+    )
+    n_layer: int | None = field(default=None, metadata={"help": "Number of transformer blocks (overrides preset)."})
+    n_head: int | None = field(default=None, metadata={"help": "Attention heads per block (overrides preset)."})
+    n_embd: int | None = field(default=None, metadata={"help": "Hidden size (overrides preset)."})
+    n_positions: int | None = field(default=None, metadata={"help": "Maximum positions. Default: block_size."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on embeddings, attention and residuals."})
+
+
+@dataclass
+class RunArguments:
+    """Run-level switches shared by recipes."""
+
+    smoke: bool = field(
+        default=False, metadata={"help": "Quick check: a few steps on a slice of the data, into outputs/smoke/."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace a finished run in output_dir instead of stopping."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model's repo."})
+    sample_prompts: list[str] | None = field(
+        default=None, metadata={"help": "Prompts for sample generations. Default: starts of validation blocks."}
+    )
+    sample_max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated per sample."})
+
+
+def cuda_bf16_available() -> bool:
+    """True when a CUDA GPU that computes in bfloat16 is present."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def device_defaults() -> dict[str, object]:
+    """Precision and loader defaults that work and are fast on this machine.
+
+    bf16 on a GPU that has it; fp32 on CPU, where bf16 autocast runs at about half fp32 speed without AMX.
+    """
+    on_gpu = torch.cuda.is_available()
+    return {"bf16": cuda_bf16_available(), "fp16": False, "dataloader_pin_memory": on_gpu}
+
+
+def check_precision(values: dict[str, object], where: str) -> None:
+    """Stop on a precision setting this machine cannot run, before anything is loaded."""
+    if values.get("bf16") and values.get("fp16"):
+        raise ConfigError(f"{where}: bf16 and fp16 are both true; keep one (or neither: hfpipe picks per device).")
+    if values.get("bf16") and not values.get("use_cpu") and not cuda_bf16_available():
+        raise ConfigError(
+            f"{where}: bf16: true needs a GPU with bfloat16 support and none was found. Remove the key "
+            "(hfpipe picks bf16 on such GPUs, fp32 on CPU) or add use_cpu: true for slow CPU autocast."
+        )
+    if values.get("fp16") and not torch.cuda.is_available():
+        raise ConfigError(f"{where}: fp16: true needs a CUDA GPU and none was found. Remove the key.")

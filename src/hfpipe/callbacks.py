@@ -1,0 +1,129 @@
+"""Trainer callbacks: throughput in the log, sample generations at each evaluation, a per-rank report."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+
+class ThroughputCallback(TrainerCallback):
+    """Adds `tokens_per_second` (training steps only, evaluation and saving excluded) to every log line."""
+
+    def __init__(self, tokens_per_step: int) -> None:
+        self.tokens_per_step = tokens_per_step
+        self.train_seconds = 0.0
+        self.train_tokens = 0
+        self._last_step_end: float | None = None
+        self._window = [0.0, 0]
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        self._last_step_end = time.perf_counter()
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        now = time.perf_counter()
+        if self._last_step_end is not None:
+            elapsed = now - self._last_step_end
+            self.train_seconds += elapsed
+            self.train_tokens += self.tokens_per_step
+            self._window[0] += elapsed
+            self._window[1] += self.tokens_per_step
+        self._last_step_end = now
+
+    def _pause(self, *args: Any, **kwargs: Any) -> None:
+        # Time spent evaluating or saving is not training time.
+        self._last_step_end = None
+
+    on_evaluate = _pause
+    on_save = _pause
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+        if logs is not None and "loss" in logs and self._window[0] > 0:
+            logs["tokens_per_second"] = round(self._window[1] / self._window[0], 1)
+            self._window = [0.0, 0]
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Mean training tokens per second over the steps this process timed."""
+        return self.train_tokens / self.train_seconds if self.train_seconds else 0.0
+
+
+def generate_samples(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int, seed: int
+) -> list[dict[str, str]]:
+    """Sample a completion per prompt (temperature 0.8, top-k 40), reproducibly and without touching the
+    training RNG streams. Completions stop at the model's context length; prompts longer than it are skipped."""
+    was_training = model.training
+    model.eval()
+    samples = []
+    context = getattr(model.config, "max_position_embeddings", None)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for prompt in prompts:
+            inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+            prompt_length = inputs["input_ids"].shape[1]
+            # A sample cannot run past the context the model was built with.
+            room = max_new_tokens if context is None else min(max_new_tokens, context - prompt_length)
+            if room <= 0:
+                continue
+            output = model.generate(
+                **inputs,
+                max_new_tokens=room,
+                do_sample=True,
+                temperature=0.8,
+                top_k=40,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )
+            completion = tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True)
+            samples.append({"prompt": prompt, "completion": completion})
+    model.train(was_training)
+    return samples
+
+
+class SampleCallback(TrainerCallback):
+    """Generates from a few prompts at each evaluation; prints them and appends them to samples.jsonl."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int) -> None:
+        self.tokenizer = tokenizer
+        self.prompts = prompts
+        self.max_new_tokens = max_new_tokens
+        self._sampled_step: int | None = None
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
+        if not state.is_world_process_zero or model is None or not self.prompts:
+            return
+        if state.global_step == self._sampled_step:
+            return
+        self._sampled_step = state.global_step
+        samples = generate_samples(model, self.tokenizer, self.prompts, self.max_new_tokens, args.seed)
+        write_samples(Path(args.output_dir), state.global_step, samples)
+
+
+def write_samples(output_dir: Path, step: int, samples: list[dict[str, str]]) -> None:
+    """Print samples and append them, tagged with the step, to output_dir/samples.jsonl."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    print(f"\n--- samples at step {step} ---")
+    with open(output_dir / "samples.jsonl", "a", encoding="utf-8") as handle:
+        for sample in samples:
+            print(f"{sample['prompt']}{sample['completion']}\n")
+            handle.write(json.dumps({"step": step, **sample}, ensure_ascii=False) + "\n")
+
+
+class RankReportCallback(TrainerCallback):
+    """Prints, on every rank, the optimizer steps taken and a checksum of the weights: ranks of one DDP run
+    must agree."""
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
+        if args.world_size <= 1 or model is None:
+            return
+        with torch.no_grad():
+            checksum = sum(float(p.double().abs().sum()) for p in model.parameters())
+        print(
+            f"[rank {args.process_index}/{args.world_size}] trained {state.global_step} steps, "
+            f"weights checksum {checksum:.6f}",
+            flush=True,
+        )

@@ -1,0 +1,85 @@
+"""The `hfpipe` command: check configs and prepare the shipped data (more tools arrive with later recipes)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hfpipe.config import ParsedConfig, recipe_of
+from hfpipe.errors import ConfigError, did_you_mean, exit_on_user_error
+
+
+def _pretrain_parsers() -> tuple[Callable[..., ParsedConfig], Callable[[ParsedConfig], dict[str, Any]]]:
+    from hfpipe.pretraining import parse_pretrain, resolved_settings
+
+    return parse_pretrain, resolved_settings
+
+
+# Recipe name -> loader of (parse, resolved settings); imported lazily to keep `hfpipe --help` fast.
+RECIPES: dict[str, Callable[[], tuple[Callable[..., ParsedConfig], Callable[[ParsedConfig], dict[str, Any]]]]] = {
+    "pretrain": _pretrain_parsers,
+}
+
+
+def check(config: Path, recipe: str | None, overrides: Sequence[str]) -> None:
+    """Validate a config as its recipe would and print the resolved settings; train nothing."""
+    from hfpipe.run import is_finished, last_complete_checkpoint
+
+    if not config.is_file():
+        raise ConfigError(f"{config}: config file not found. Check the path.")
+    recipe = recipe or recipe_of(config)
+    if recipe is None:
+        raise ConfigError(
+            f"{config}: no recipe named in the first comment line (# accelerate launch recipes/NAME.py ...); "
+            "pass --recipe NAME."
+        )
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe '{recipe}'; known: {', '.join(RECIPES)}.{did_you_mean(recipe, RECIPES)}")
+    parse, resolve = RECIPES[recipe]()
+    parsed = parse(["--config", str(config), *overrides])
+    settings = resolve(parsed)
+    print(f"# {config}: valid for recipes/{recipe}.py")
+    print(yaml.safe_dump({k: v for k, v in settings.items() if k != "hub_token"}, sort_keys=False), end="")
+    output_dir = Path(settings["output_dir"])
+    if is_finished(output_dir):
+        state = "finished run (overwrite_output_dir: true replaces it)"
+    else:
+        checkpoint = last_complete_checkpoint(output_dir) if output_dir.is_dir() else None
+        state = f"will resume from {checkpoint}" if checkpoint else "new run"
+    print(f"# output_dir: {state}")
+
+
+def prepare_data(name: str, destination: Path) -> None:
+    """Prepare a shipped dataset under data/."""
+    from hfpipe.corpus import prepare_shakespeare
+
+    counts = prepare_shakespeare(destination)
+    print(f"{destination}: {counts['train']} works for training, {counts['validation']} for validation")
+
+
+@exit_on_user_error
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the `hfpipe` console script."""
+    parser = argparse.ArgumentParser(prog="hfpipe", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    check_parser = commands.add_parser("check", help="validate a config and print its resolved settings")
+    check_parser.add_argument("config", type=Path)
+    check_parser.add_argument("--recipe", help="recipe name when the config's first line does not say")
+    data_parser = commands.add_parser("data", help="prepare a shipped dataset under data/")
+    data_parser.add_argument("name", choices=["shakespeare"])
+    data_parser.add_argument("--dest", type=Path, default=Path("data/shakespeare"))
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "check":
+        check(args.config, args.recipe, rest)
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    else:
+        prepare_data(args.name, args.dest)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""Text data for pretraining: load local files or a Hub dataset, tokenize once, pack into blocks, cache."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import datasets
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from transformers import PreTrainedTokenizerBase
+
+from hfpipe.args import DataArguments
+from hfpipe.errors import DataError, did_you_mean
+
+# Bump when the packed layout changes, so old caches are not reused.
+CACHE_FORMAT = 1
+BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+# In --smoke runs: this many rows, each cut to this many characters.
+SMOKE_ROWS = 8
+SMOKE_CHARS = 20_000
+
+
+def cache_root(data_args: DataArguments) -> Path:
+    """Return the directory for cached tokenizers and tokenized data."""
+    configured = data_args.data_cache_dir or os.environ.get("HFPIPE_CACHE")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "hfpipe"
+
+
+def resolve_files(patterns: list[str], key: str, where: str) -> list[str]:
+    """Expand paths and globs; every pattern must match a file of one supported format."""
+    files: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        matches = [match for match in matches if os.path.isfile(match)]
+        if not matches:
+            raise DataError(f"{where}: {key}: no file matches '{pattern}'. Check the path (relative to {os.getcwd()}).")
+        files.extend(matches)
+    suffixes = {Path(file).suffix.lower() for file in files}
+    unknown = suffixes - set(BUILDERS)
+    if unknown:
+        raise DataError(
+            f"{where}: {key}: unsupported file type {', '.join(sorted(unknown))}; "
+            f"expected one of {', '.join(BUILDERS)}."
+        )
+    if len({BUILDERS[suffix] for suffix in suffixes}) > 1:
+        raise DataError(f"{where}: {key}: mixes file types {', '.join(sorted(suffixes))}; use one type per key.")
+    return files
+
+
+def _load_files(files: list[str], text_column: str) -> Dataset:
+    builder = BUILDERS[Path(files[0]).suffix.lower()]
+    # One row per .txt file keeps line breaks and lets documents end with EOS.
+    options: dict[str, Any] = {"sample_by": "document"} if builder == "text" else {}
+    for file in files:
+        _check_utf8(file)
+    try:
+        dataset = load_dataset(builder, data_files=files, split="train", **options)
+    except (datasets.exceptions.DatasetGenerationError, ValueError) as error:
+        cause = error.__cause__ or error
+        raise DataError(f"{', '.join(files)}: could not be read as {builder}: {str(cause).splitlines()[0]}") from None
+    if text_column not in dataset.column_names:
+        raise DataError(
+            f"{files[0]}: no column '{text_column}' (columns: {', '.join(dataset.column_names)}). "
+            f"Set text_column.{did_you_mean(text_column, dataset.column_names)}"
+        )
+    return dataset.select_columns([text_column])
+
+
+def _check_utf8(file: str) -> None:
+    with open(file, "rb") as handle:
+        line_number = 1
+        for line in handle:
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(
+                    f"{file}: line {line_number} is not UTF-8 (byte {error.start}). Re-save the file as UTF-8."
+                ) from None
+            line_number += 1
+
+
+def _load_hub(data_args: DataArguments, split: str) -> Dataset:
+    try:
+        dataset = load_dataset(data_args.dataset_name, data_args.dataset_config, split=split)
+    except Exception as error:  # network, auth or missing split: one line, whatever the cause
+        raise DataError(f"dataset_name: '{data_args.dataset_name}' split '{split}' could not be loaded: "
+                        f"{str(error).splitlines()[0]}") from None
+    if data_args.text_column not in dataset.column_names:
+        raise DataError(
+            f"{data_args.dataset_name}: no column '{data_args.text_column}' (columns: "
+            f"{', '.join(dataset.column_names)}). Set text_column."
+        )
+    return dataset.select_columns([data_args.text_column])
+
+
+def load_raw_splits(data_args: DataArguments, where: str, smoke: bool = False) -> DatasetDict:
+    """Load the raw text as a DatasetDict with 'train' and, when given, 'validation' (one text column)."""
+    splits = DatasetDict()
+    if data_args.train_files:
+        splits["train"] = _load_files(resolve_files(data_args.train_files, "train_files", where), data_args.text_column)
+    else:
+        splits["train"] = _load_hub(data_args, data_args.dataset_train_split)
+    if data_args.validation_files:
+        files = resolve_files(data_args.validation_files, "validation_files", where)
+        splits["validation"] = _load_files(files, data_args.text_column)
+    elif data_args.dataset_name and data_args.dataset_test_split:
+        splits["validation"] = _load_hub(data_args, data_args.dataset_test_split)
+    if data_args.text_column != "text":
+        splits = DatasetDict({name: split.rename_column(data_args.text_column, "text") for name, split in splits.items()})
+    if smoke:
+        splits = DatasetDict(
+            {
+                name: split.select(range(min(len(split), SMOKE_ROWS))).map(
+                    lambda row: {"text": row["text"][:SMOKE_CHARS]}
+                )
+                for name, split in splits.items()
+            }
+        )
+    for name, split in splits.items():
+        if len(split) == 0:
+            raise DataError(f"{where}: the {name} data is empty. Point it at files with text in them.")
+    return splits
+
+
+def iter_texts(dataset: Dataset, batch_size: int = 64) -> Iterator[str]:
+    """Yield the non-empty texts of a one-column text dataset."""
+    for batch in dataset.iter(batch_size=batch_size):
+        yield from (text for text in batch["text"] if text)
+
+
+def pack_texts(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, block_size: int) -> Dataset:
+    """Tokenize documents, end each with EOS, concatenate and cut into blocks of `block_size` tokens."""
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        encoded = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [ids + [eos] for ids in encoded]}
+
+    def group(batch: dict[str, list[list[int]]]) -> dict[str, list[list[int]]]:
+        stream = list(chain.from_iterable(batch["input_ids"]))
+        usable = len(stream) // block_size * block_size
+        blocks = [stream[start : start + block_size] for start in range(0, usable, block_size)]
+        return {"input_ids": blocks, "labels": [list(block) for block in blocks]}
+
+    tokenized = dataset.map(tokenize, batched=True, remove_columns=["text"], desc="Tokenizing")
+    return tokenized.map(group, batched=True, batch_size=1000, desc=f"Packing into blocks of {block_size}")
+
+
+def data_fingerprint(data_args: DataArguments, where: str, smoke: bool) -> str:
+    """A cheap fingerprint of the data sources (paths, sizes, modification times, Hub names)."""
+    parts: list[Any] = [CACHE_FORMAT, data_args.text_column, smoke]
+    for key in ("train_files", "validation_files"):
+        patterns = getattr(data_args, key)
+        if patterns:
+            for file in resolve_files(patterns, key, where):
+                stat = os.stat(file)
+                parts.append([key, os.path.abspath(file), stat.st_size, stat.st_mtime_ns])
+    if not data_args.train_files:
+        parts.append([data_args.dataset_name, data_args.dataset_config, data_args.dataset_train_split])
+    if not data_args.validation_files:
+        parts.append(data_args.dataset_test_split)
+    return fingerprint_of(parts)
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A fingerprint of a tokenizer's full definition."""
+    return fingerprint_of([tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token])
+
+
+def fingerprint_of(parts: Any) -> str:
+    """A short stable hash of JSON-able parts, for cache keys."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_blocks(
+    raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, data_args: DataArguments, cache_dir: Path
+) -> DatasetDict:
+    """Return packed 'train' and 'validation' blocks, from `cache_dir` when an identical run made them."""
+    if (cache_dir / "dataset_dict.json").is_file():
+        print(f"Reusing tokenized data from {cache_dir}")
+        return load_from_disk(str(cache_dir))
+    blocks = DatasetDict({name: pack_texts(split, tokenizer, data_args.block_size) for name, split in raw.items()})
+    if "validation" not in blocks:
+        blocks = _split_tail(blocks["train"], data_args.validation_split_fraction)
+    for name, split in blocks.items():
+        if len(split) == 0:
+            raise DataError(
+                f"the {name} text holds fewer than block_size={data_args.block_size} tokens. "
+                "Lower block_size or add text."
+            )
+    # Write beside, then rename: a run killed mid-write leaves no half cache behind.
+    partial = cache_dir.with_name(cache_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    blocks.save_to_disk(str(partial))
+    partial.rename(cache_dir)
+    return load_from_disk(str(cache_dir))
+
+
+def cap_validation(blocks: DatasetDict, max_eval_samples: int | None) -> DatasetDict:
+    """Keep at most `max_eval_samples` validation blocks, spread evenly over the validation text."""
+    validation = blocks["validation"]
+    if not max_eval_samples or len(validation) <= max_eval_samples:
+        return blocks
+    stride = len(validation) / max_eval_samples
+    rows = [int(index * stride) for index in range(max_eval_samples)]
+    return DatasetDict({"train": blocks["train"], "validation": validation.select(rows)})
+
+
+def _split_tail(train: Dataset, fraction: float) -> DatasetDict:
+    # The last blocks, contiguous as in nanoGPT: less leakage than a random split of neighbouring blocks.
+    held_out = max(1, round(len(train) * fraction))
+    if len(train) - held_out < 1:
+        raise DataError(f"too little training text to hold out {fraction:.0%} for validation; add text.")
+    return DatasetDict(
+        {
+            "train": train.select(range(len(train) - held_out)),
+            "validation": train.select(range(len(train) - held_out, len(train))),
+        }
+    )

@@ -1,0 +1,51 @@
+"""User-facing errors: a mistake in a config, a flag or an input file is reported in one or two lines."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import sys
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+USER_ERROR_EXIT_CODE = 2
+
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad config, bad flag, bad data). Printed without a traceback, exit code 2."""
+
+
+class ConfigError(UserError):
+    """A config file or command-line flag that cannot be used as written."""
+
+
+class DataError(UserError):
+    """An input data file or dataset that cannot be used as written."""
+
+
+def nearest(word: str, candidates: Iterable[str]) -> str | None:
+    """Return the candidate closest to `word`, or None when nothing is close enough to suggest."""
+    matches = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """Return a ' Did you mean X?' suffix for `word`, or an empty string."""
+    match = nearest(word, candidates)
+    return f" Did you mean '{match}'?" if match else ""
+
+
+def exit_on_user_error(func: Callable[..., T]) -> Callable[..., T]:
+    """Run `func`; turn a UserError into one line on stderr and exit code 2 instead of a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: object, **kwargs: object) -> T:
+        try:
+            return func(*args, **kwargs)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(USER_ERROR_EXIT_CODE) from None
+
+    return wrapper

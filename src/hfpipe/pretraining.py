@@ -1,0 +1,232 @@
+"""What the pretrain recipe needs beyond the shared run tail: its config sections, checks, tokenizer,
+data and model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from datasets import DatasetDict
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
+from trl import ModelConfig
+
+from hfpipe.args import (
+    DataArguments,
+    GPT2ShapeArguments,
+    RunArguments,
+    TokenizerArguments,
+    check_precision,
+    device_defaults,
+)
+from hfpipe.config import ParsedConfig, parse
+from hfpipe.data import (
+    fingerprint_of,
+    build_blocks,
+    cap_validation,
+    cache_root,
+    data_fingerprint,
+    iter_texts,
+    load_raw_splits,
+    resolve_files,
+    tokenizer_fingerprint,
+)
+from hfpipe.errors import ConfigError
+from hfpipe.modeling import SHAPE_KEYS, build_gpt2, check_model_path, check_shape, load_causal_lm, resolve_shape
+from hfpipe.run import check_not_finished
+from hfpipe.tokenizer import MIN_BPE_VOCAB, train_bpe, train_char
+
+PRETRAIN_ARGUMENTS = (TrainingArguments, ModelConfig, DataArguments, TokenizerArguments, GPT2ShapeArguments, RunArguments)
+
+# Pretraining defaults that differ from TrainingArguments': GPT-style optimizer settings, frequent logging,
+# evaluation and checkpoints with the best one kept, a checkpoint on SIGTERM.
+PRETRAIN_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 6e-4,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.02,
+    "weight_decay": 0.1,
+    "adam_beta2": 0.95,
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 16,
+    "num_train_epochs": 1.0,
+    "logging_steps": 10,
+    "eval_strategy": "steps",
+    "eval_steps": 200,
+    "save_strategy": "steps",
+    "save_total_limit": 2,
+    "metric_for_best_model": "eval_loss",
+    "greater_is_better": False,
+    "enable_jit_checkpoint": True,
+    "report_to": "none",
+}
+# --smoke: a few steps that still evaluate, checkpoint and log every step.
+SMOKE_SETTINGS: dict[str, Any] = {"max_steps": 4, "eval_steps": 2, "save_steps": 2, "logging_steps": 1}
+UNSUPPORTED_MODEL_KEYS = ("use_peft", "load_in_4bit", "load_in_8bit")
+
+
+def default_run_name(values: dict[str, Any]) -> str:
+    """Name a run after the model and its key settings, e.g. pretrain-gpt2-micro-bpe8192-ctx256."""
+    if values.get("model_name_or_path"):
+        base = Path(str(values["model_name_or_path"]).rstrip("/")).name
+    else:
+        base = f"gpt2-{values['model_size']}"
+        if any(values.get(key) is not None for key in ("n_layer", "n_head", "n_embd")):
+            base += "-" + "x".join(str(values.get(key) or "p") for key in ("n_layer", "n_head", "n_embd"))
+        if not values.get("tokenizer_name_or_path"):
+            base += "-char" if values["tokenizer_type"] == "char" else f"-bpe{values['vocab_size']}"
+    return f"pretrain-{base}-ctx{values['block_size']}"
+
+
+def _validate(values: dict[str, Any], where: str) -> None:
+    check_precision(values, where)
+    for key in UNSUPPORTED_MODEL_KEYS:
+        if values.get(key):
+            raise ConfigError(f"{where}: {key}: pretraining trains every weight; use recipes/sft.py for adapters.")
+    if values.get("block_size", 0) < 2:
+        raise ConfigError(f"{where}: block_size: {values.get('block_size')} must be at least 2.")
+    if not 0.0 < values["validation_split_fraction"] < 1.0:
+        raise ConfigError(f"{where}: validation_split_fraction: must be between 0 and 1 (exclusive).")
+    if values.get("max_eval_samples") is not None and values["max_eval_samples"] <= 0:
+        raise ConfigError(f"{where}: max_eval_samples: must be greater than 0.")
+    if values["sample_max_new_tokens"] <= 0:
+        raise ConfigError(f"{where}: sample_max_new_tokens: must be greater than 0.")
+    _validate_model(values, where)
+    _validate_data(values, where)
+    _derive_run_settings(values, where)
+
+
+def _validate_model(values: dict[str, Any], where: str) -> None:
+    if values.get("tokenizer_name_or_path"):
+        check_model_path(values["tokenizer_name_or_path"], "tokenizer_name_or_path", where)
+    if values.get("model_name_or_path"):
+        check_model_path(values["model_name_or_path"], "model_name_or_path", where)
+        shape_keys = [key for key in SHAPE_KEYS if values.get(key) is not None]
+        if shape_keys:
+            raise ConfigError(
+                f"{where}: {shape_keys[0]} shapes a from-scratch model; with model_name_or_path the shape "
+                "comes from the model. Remove one of them."
+            )
+        return
+    shape = GPT2ShapeArguments(**{key: values[key] for key in ("model_size", "dropout", *SHAPE_KEYS)})
+    check_shape(shape, values["block_size"], where)
+    if not values.get("tokenizer_name_or_path") and values["tokenizer_type"] == "bpe":
+        if values["vocab_size"] < MIN_BPE_VOCAB:
+            raise ConfigError(f"{where}: vocab_size: {values['vocab_size']} must be at least {MIN_BPE_VOCAB} for BPE.")
+
+
+def _validate_data(values: dict[str, Any], where: str) -> None:
+    if not values.get("train_files") and not values.get("dataset_name"):
+        raise ConfigError(f"{where}: no training data: set train_files (local files or globs) or dataset_name.")
+    if values.get("train_files") and values.get("dataset_name"):
+        raise ConfigError(f"{where}: both train_files and dataset_name are set; keep one.")
+    for key in ("train_files", "validation_files"):
+        if values.get(key):
+            resolve_files(values[key], key, where)
+
+
+def _derive_run_settings(values: dict[str, Any], where: str) -> None:
+    if not values.get("run_name"):
+        values["run_name"] = Path(values["output_dir"]).name if values.get("output_dir") else default_run_name(values)
+    if values.get("smoke"):
+        values.update(SMOKE_SETTINGS)
+        values["output_dir"] = str(Path("outputs") / "smoke" / values["run_name"])
+        values["overwrite_output_dir"] = True
+    elif not values.get("output_dir"):
+        values["output_dir"] = str(Path("outputs") / values["run_name"])
+    if values.get("save_steps") is None or values.get("smoke"):
+        # Checkpoints at evaluation steps, so that the best checkpoint by validation loss exists on disk.
+        values["save_steps"] = values["eval_steps"] or 500
+    check_not_finished(Path(values["output_dir"]), values["overwrite_output_dir"], where)
+
+
+def parse_pretrain(argv: Sequence[str] | None = None) -> ParsedConfig:
+    """Parse and check a pretrain config; derive output_dir and run_name. Loads and writes nothing."""
+    defaults = {**PRETRAIN_DEFAULTS, "save_steps": None, **device_defaults()}
+    return parse(PRETRAIN_ARGUMENTS, argv, defaults=defaults, validate=_validate)
+
+
+def resolved_settings(parsed: ParsedConfig) -> dict[str, Any]:
+    """What the user wrote plus what hfpipe derived: a config that reruns this run."""
+    training_args = parsed.get(TrainingArguments)
+    model_args = parsed.get(ModelConfig)
+    shape_args = parsed.get(GPT2ShapeArguments)
+    data_args = parsed.get(DataArguments)
+    settings = dict(parsed.user_keys)
+    settings.update(output_dir=training_args.output_dir, run_name=training_args.run_name, bf16=training_args.bf16)
+    if not model_args.model_name_or_path:
+        settings.update(resolve_shape(shape_args, data_args.block_size))
+    return settings
+
+
+def load_tokenizer(parsed: ParsedConfig, raw: DatasetDict, smoke: bool) -> PreTrainedTokenizerBase:
+    """Load the configured tokenizer, or train one on the training text (cached by data and settings)."""
+    tok_args = parsed.get(TokenizerArguments)
+    model_args = parsed.get(ModelConfig)
+    run_args = parsed.get(RunArguments)
+    name = tok_args.tokenizer_name_or_path or model_args.model_name_or_path
+    if name:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=run_args.trust_remote_code)
+        if tokenizer.eos_token_id is None:
+            raise ConfigError(f"tokenizer '{name}' has no EOS token; pretraining separates documents with it.")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token  # eos as pad: GPT-2 style tokenizers ship no pad token
+        return tokenizer
+    data_args = parsed.get(DataArguments)
+    fingerprint = data_fingerprint(data_args, str(parsed.path), smoke)
+    size = "char" if tok_args.tokenizer_type == "char" else tok_args.vocab_size
+    cache_dir = cache_root(data_args) / "tokenizers" / fingerprint_of([fingerprint, tok_args.tokenizer_type, size])
+    if (cache_dir / "tokenizer.json").is_file():
+        print(f"Reusing the tokenizer trained on this data in {cache_dir}")
+        return AutoTokenizer.from_pretrained(str(cache_dir))
+    texts = iter_texts(raw["train"])
+    print(f"Training a {tok_args.tokenizer_type} tokenizer on the training text")
+    tokenizer = train_char(texts) if tok_args.tokenizer_type == "char" else train_bpe(texts, tok_args.vocab_size)
+    tokenizer.save_pretrained(str(cache_dir))
+    return tokenizer
+
+
+def load_blocks(parsed: ParsedConfig, raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, smoke: bool) -> DatasetDict:
+    """Return packed train/validation blocks, tokenized once and cached."""
+    data_args = parsed.get(DataArguments)
+    key = fingerprint_of(
+        [
+            data_fingerprint(data_args, str(parsed.path), smoke),
+            tokenizer_fingerprint(tokenizer),
+            data_args.block_size,
+            data_args.validation_split_fraction,
+        ]
+    )
+    blocks = build_blocks(raw, tokenizer, data_args, cache_root(data_args) / "blocks" / key)
+    return cap_validation(blocks, data_args.max_eval_samples)
+
+
+def load_model(parsed: ParsedConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """Build the from-scratch GPT-2, or load the model to continue pretraining."""
+    model_args = parsed.get(ModelConfig)
+    data_args = parsed.get(DataArguments)
+    if not model_args.model_name_or_path:
+        shape_args = parsed.get(GPT2ShapeArguments)
+        shape = check_shape(shape_args, data_args.block_size, str(parsed.path))
+        model = build_gpt2(shape, shape_args.dropout, tokenizer)
+        model.config._attn_implementation = model_args.attn_implementation or "sdpa"
+        return model
+    model = load_causal_lm(
+        model_args.model_name_or_path,
+        model_args.model_revision,
+        model_args.dtype,
+        model_args.attn_implementation,
+        parsed.get(RunArguments).trust_remote_code,
+    )
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit and data_args.block_size > limit:
+        raise ConfigError(f"block_size={data_args.block_size} exceeds the model's {limit} positions; lower it.")
+    return model
+
+
+def default_prompts(blocks: DatasetDict, tokenizer: PreTrainedTokenizerBase, count: int = 3) -> list[str]:
+    """The first few tokens of a few validation blocks: prompts that fit any corpus."""
+    validation = blocks["validation"]
+    step = max(1, len(validation) // count)
+    rows = range(0, min(len(validation), step * count), step)
+    return [tokenizer.decode(validation[row]["input_ids"][:8]) for row in rows]
+

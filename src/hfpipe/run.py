@@ -1,0 +1,158 @@
+"""The shared tail of every recipe: output dir rules, resume, train, save, evaluate, metrics, plots."""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import json
+import math
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import Trainer
+
+from hfpipe import __version__
+from hfpipe.config import public_settings
+from hfpipe.errors import ConfigError
+from hfpipe.plots import plot_losses
+
+METRICS_FILE = "metrics.json"  # written last: its presence marks a finished run
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+INCOMPLETE_MARKER = "checkpoint-is-incomplete.txt"
+TRAINER_STATE = "trainer_state.json"
+SIGTERM_EXIT_CODE = 143
+
+
+def is_finished(output_dir: Path) -> bool:
+    """True when `output_dir` holds a run that trained to the end."""
+    return (output_dir / METRICS_FILE).is_file()
+
+
+def check_not_finished(output_dir: Path, overwrite: bool, where: str) -> None:
+    """Refuse to touch a finished run unless the config asks to overwrite it."""
+    if is_finished(output_dir) and not overwrite:
+        raise ConfigError(
+            f"{where}: output_dir '{output_dir}' holds a finished run. Set another output_dir, or "
+            "overwrite_output_dir: true to replace it."
+        )
+
+
+def _checkpoint_is_complete(checkpoint: Path) -> bool:
+    # The Trainer writes trainer_state.json after weights, optimizer and RNG states.
+    if (checkpoint / INCOMPLETE_MARKER).exists():
+        return False
+    try:
+        json.loads((checkpoint / TRAINER_STATE).read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def last_complete_checkpoint(output_dir: Path) -> Path | None:
+    """Return the newest checkpoint that was completely written; delete newer half-written ones."""
+    if not output_dir.is_dir():
+        return None
+    checkpoints = sorted(
+        (path for path in output_dir.iterdir() if path.is_dir() and CHECKPOINT_PATTERN.match(path.name)),
+        key=lambda path: int(CHECKPOINT_PATTERN.match(path.name).group(1)),
+        reverse=True,
+    )
+    for checkpoint in checkpoints:
+        if _checkpoint_is_complete(checkpoint):
+            return checkpoint
+        print(f"Removing {checkpoint}: it was not completely written (the run was killed while saving).")
+        shutil.rmtree(checkpoint)
+    return None
+
+
+def prepare_output_dir(output_dir: Path, overwrite: bool, where: str, is_main_process: bool) -> Path | None:
+    """Apply the output dir rules; return the checkpoint to resume from, if any.
+
+    Call it on the main process first (`training_args.main_process_first()`): only the main process deletes.
+    """
+    if overwrite:
+        if is_main_process and output_dir.exists():
+            print(f"overwrite_output_dir: starting afresh in {output_dir}")
+            shutil.rmtree(output_dir)
+        return None
+    check_not_finished(output_dir, overwrite, where)
+    return last_complete_checkpoint(output_dir)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
+def save_resolved_config(output_dir: Path, recipe: str, settings: dict[str, Any]) -> Path:
+    """Write the settings of this run as a config that reruns it (secrets removed)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "config.yaml"
+    header = f"# accelerate launch recipes/{recipe}.py --config {path}\n"
+    body = yaml.safe_dump(_plain(public_settings(settings)), sort_keys=False, allow_unicode=True)
+    path.write_text(header + body, encoding="utf-8")
+    return path
+
+
+def train(trainer: Trainer, resume_from: Path | None) -> None:
+    """Train, resuming from `resume_from`; exit with 143 when SIGTERM stopped the run after a checkpoint."""
+    if resume_from is not None:
+        print(f"Resuming from {resume_from}")
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    state = trainer.state
+    if state.max_steps and state.global_step < state.max_steps:
+        print(
+            f"Training stopped at step {state.global_step} of {state.max_steps}; a checkpoint is in "
+            f"{trainer.args.output_dir}. Run the same command to resume.",
+            file=sys.stderr,
+        )
+        raise SystemExit(SIGTERM_EXIT_CODE)
+
+
+def finish(trainer: Trainer, run_name: str, extra_metrics: dict[str, Any]) -> dict[str, Any]:
+    """Save the final model, evaluate it, write loss.png and metrics.json (last); return the metrics."""
+    output_dir = Path(trainer.args.output_dir)
+    trainer.save_model(str(output_dir))
+    eval_metrics = _final_evaluation(trainer)
+    if not trainer.is_world_process_zero():
+        return {}
+    state = trainer.state
+    metrics: dict[str, Any] = {
+        "run_name": run_name,
+        "global_step": state.global_step,
+        "train_loss": _last(state.log_history, "loss"),
+        **{key: value for key, value in eval_metrics.items() if key.startswith("eval_")},
+        **extra_metrics,
+        "best_checkpoint": state.best_model_checkpoint,
+        "best_eval_loss": state.best_metric,
+        "hfpipe_version": __version__,
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if "eval_loss" in eval_metrics:
+        metrics["eval_perplexity"] = math.exp(min(eval_metrics["eval_loss"], 50.0))
+    plot_losses(state.log_history, output_dir / "loss.png", run_name)
+    (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def _final_evaluation(trainer: Trainer) -> dict[str, Any]:
+    # The last step often was an evaluation step already: reuse it rather than evaluate twice.
+    state = trainer.state
+    done = [entry for entry in state.log_history if "eval_loss" in entry and entry.get("step") == state.global_step]
+    if done:
+        return done[-1]
+    return trainer.evaluate() if trainer.eval_dataset is not None else {}
+
+
+def _last(log_history: list[dict[str, Any]], key: str) -> float | None:
+    values = [entry[key] for entry in log_history if key in entry]
+    return values[-1] if values else None

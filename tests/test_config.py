@@ -1,0 +1,172 @@
+"""Strict configs: every shipped config parses; every bad config stops with a clear one-line error, exit 2."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, write_config
+
+from hfpipe.cli import main as hfpipe_main
+from hfpipe.config import recipe_of
+from hfpipe.pretraining import parse_pretrain
+
+SHIPPED = sorted((ROOT / "configs").glob("**/*.yaml"))
+RECIPE_CONFIGS = [path for path in SHIPPED if "accelerate" not in path.parts]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shakespeare_prepared() -> None:
+    """Shipped configs point at data/shakespeare, which the setup prepares."""
+    from hfpipe.corpus import prepare_shakespeare
+
+    prepare_shakespeare(ROOT / "data" / "shakespeare")
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_config_starts_with_its_command(path: Path) -> None:
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and ("recipes/" in first or "accelerate launch" in first), first
+
+
+@pytest.mark.parametrize("path", RECIPE_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_recipe_config_parses(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    assert recipe_of(path) == "pretrain"
+    parsed = parse_pretrain(["--config", str(path.relative_to(ROOT)), "--output_dir", "/nonexistent/run"])
+    training_args = parsed.values[0]
+    assert training_args.bf16 is False  # no GPU here: the device default, not TRL's bf16 crash
+    assert training_args.output_dir == "/nonexistent/run"
+
+
+def run_expecting_error(main: Callable, argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    """Run a recipe expecting a user error: exit code 2, one or two lines, no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert 1 <= len(lines) <= 2, err
+    assert lines[0].startswith("error: ")
+    return err
+
+
+BAD_VALUES = [
+    ("learnin_rate: 1.0e-3", ["unknown key 'learnin_rate'", "Did you mean 'learning_rate'?"]),
+    ("torch_dtype: float32", ["'torch_dtype' was renamed", "use 'dtype'"]),
+    ("evaluation_strategy: steps", ["'evaluation_strategy' was renamed", "use 'eval_strategy'"]),
+    ("max_seq_length: 64", ["'max_seq_length' was renamed", "use 'block_size'"]),
+    ("learning_rate: fast", ["learning_rate: 'fast' is not valid; expected a number"]),
+    ("per_device_train_batch_size: 2.5", ["per_device_train_batch_size: 2.5", "expected an integer"]),
+    ("eval_strategy: step", ["eval_strategy: 'step'", "Did you mean 'steps'?"]),
+    ("tokenizer_type: word", ["tokenizer_type: 'word'", "one of bpe, char"]),
+    ("model_size: huge", ["model_size: 'huge'", "one of micro, tiny, small, medium, large, xl"]),
+    ("n_embd: 33", ["n_embd=33 is not divisible by n_head=2"]),
+    ("n_layer: 0", ["n_layer: 0 must be greater than 0"]),
+    ("n_head: -2", ["n_head: -2 must be greater than 0"]),
+    ("per_device_train_batch_size: 0", ["per_device_train_batch_size: 0 must be greater than 0"]),
+    ("learning_rate: -1.0", ["learning_rate: -1.0 must be greater than 0"]),
+    ("block_size: 0", ["block_size: 0 must be at least 2"]),
+    ("bf16: true", ["bf16: true needs a GPU with bfloat16 support"]),
+    ("fp16: true\nbf16: true", ["bf16 and fp16 are both true"]),
+    ("fp16: true", ["fp16: true needs a CUDA GPU"]),
+    ("train_files: [nowhere/*.txt]", ["train_files: no file matches 'nowhere/*.txt'"]),
+    ("validation_files: [data.docx]", ["validation_files: no file matches 'data.docx'"]),
+    ("model_name_or_path: ./no/such/model", ["model_name_or_path: './no/such/model' is not a directory"]),
+    ("use_peft: true", ["use_peft: pretraining trains every weight"]),
+]
+
+
+@pytest.mark.parametrize(("line", "expected"), BAD_VALUES, ids=[line for line, _ in BAD_VALUES])
+def test_bad_config_value_is_one_clear_line(
+    line: str, expected: list[str], tmp_path: Path, corpus: Path, pretrain_main: Callable, capsys
+) -> None:
+    base = f'train_files: ["{corpus}/train/*.txt"]\nn_head: 2\nn_embd: 32\noutput_dir: {tmp_path}/run\n'
+    keys = {entry.split(":")[0] for entry in line.splitlines()}
+    base = "\n".join(entry for entry in base.splitlines() if entry.split(":")[0] not in keys)
+    config = write_config(tmp_path / "bad.yaml", f"{base}\n{line}\n")
+    err = run_expecting_error(pretrain_main, ["--config", str(config)], capsys)
+    assert str(config) in err
+    for fragment in expected:
+        assert fragment in err
+    assert not (tmp_path / "run").exists(), "nothing may be written for a bad config"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", "the file is empty"),
+        ("# only a comment\n", "the file is empty"),
+        ("learning_rate: 1e-3\nmax_steps: [1,\n", "line 3"),
+        ("- learning_rate\n- max_steps\n", "expected a mapping of 'key: value' lines at the top level, got a list"),
+        ("just words\n", "got a str"),
+        ("max_steps: 2\nmax_steps: 3\n", "key 'max_steps' is written twice"),
+    ],
+    ids=["empty", "comment-only", "syntax-error", "list-root", "scalar-root", "duplicate-key"],
+)
+def test_malformed_yaml_is_one_clear_line(text: str, expected: str, tmp_path: Path, pretrain_main, capsys) -> None:
+    config = tmp_path / "broken.yaml"
+    config.write_text(text)
+    err = run_expecting_error(pretrain_main, ["--config", str(config)], capsys)
+    assert str(config) in err and expected in err
+
+
+def test_missing_config_file(tmp_path: Path, pretrain_main, capsys) -> None:
+    err = run_expecting_error(pretrain_main, ["--config", str(tmp_path / "nope.yaml")], capsys)
+    assert "nope.yaml: config file not found" in err
+
+
+def test_cli_flags_override_yaml_and_are_checked(tiny_config, pretrain_main, capsys) -> None:
+    config = tiny_config()
+    parsed = parse_pretrain(["--config", str(config), "--learning_rate", "3e-4", "--max_steps", "7"])
+    training_args = parsed.values[0]
+    assert training_args.learning_rate == pytest.approx(3e-4)
+    assert training_args.max_steps == 7
+    assert parsed.user_keys["learning_rate"] == pytest.approx(3e-4)
+    err = run_expecting_error(pretrain_main, ["--config", str(config), "--learning_rat", "3e-4"], capsys)
+    assert "unknown flag 'learning_rat'" in err and "Did you mean 'learning_rate'?" in err
+    err = run_expecting_error(pretrain_main, ["--config", str(config), "--max_steps", "many"], capsys)
+    assert "--max_steps" in err and "many" in err
+
+
+def test_yaml_scientific_notation_without_dot_is_a_float(tiny_config, tmp_path: Path) -> None:
+    config = tiny_config()
+    config.write_text(config.read_text().replace("vocab_size: 300", "vocab_size: 300\nlearning_rate: 3e-4"))
+    training_args = parse_pretrain(["--config", str(config)]).values[0]
+    assert training_args.learning_rate == pytest.approx(3e-4)  # PyYAML reads 3e-4 as a string
+
+
+def test_run_name_and_output_dir_are_derived(tiny_config, monkeypatch, tmp_path: Path) -> None:
+    config = tiny_config()
+    config.write_text("\n".join(line for line in config.read_text().splitlines() if "output_dir" not in line))
+    monkeypatch.chdir(tmp_path)
+    training_args = parse_pretrain(["--config", str(config)]).values[0]
+    assert training_args.run_name == "pretrain-gpt2-micro-2x2x32-bpe300-ctx32"
+    assert training_args.output_dir == "outputs/pretrain-gpt2-micro-2x2x32-bpe300-ctx32"
+
+
+def test_check_command_prints_resolved_settings(tiny_config, capsys) -> None:
+    config = tiny_config()
+    hfpipe_main(["check", str(config), "--learning_rate", "2e-4"])
+    out = capsys.readouterr().out
+    assert f"valid for recipes/pretrain.py" in out
+    assert "learning_rate: 0.0002" in out and "n_layer: 2" in out and "bf16: false" in out
+    assert "# output_dir: new run" in out
+
+
+def test_check_command_rejects_bad_config(tmp_path: Path, capsys) -> None:
+    config = write_config(tmp_path / "bad.yaml", "learning_rat: 1\n")
+    with pytest.raises(SystemExit) as exit_info:
+        hfpipe_main(["check", str(config)])
+    assert exit_info.value.code == 2
+    assert "Did you mean 'learning_rate'?" in capsys.readouterr().err
+
+
+def test_secrets_never_reach_the_saved_config(tmp_path: Path) -> None:
+    from hfpipe.run import save_resolved_config
+
+    path = save_resolved_config(tmp_path, "pretrain", {"hub_token": "hf_secret123", "learning_rate": 1e-3})
+    assert "hf_secret123" not in path.read_text()
+    assert "learning_rate" in path.read_text()
