@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from transformers import Trainer, TrainingArguments, default_data_collator
+from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
 from hfpipe.args import DataArguments, RunArguments
 from hfpipe.callbacks import RankReportCallback, SampleCallback, ThroughputCallback
@@ -42,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raw = load_raw_splits(data_args, str(parsed.path), smoke=run_args.smoke)
         tokenizer = load_tokenizer(parsed, raw, run_args.smoke)
         blocks = load_blocks(parsed, raw, tokenizer, run_args.smoke)
+    set_seed(training_args.seed)  # the same initial weights on every run and every rank
     model = load_model(parsed, tokenizer)
     tokens_per_step = (
         data_args.block_size
@@ -76,8 +77,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     metrics = finish(trainer, training_args.run_name, extra)
     if metrics:
-        print(f"Done: {output_dir} | eval_loss {metrics.get('eval_loss'):.4f} | "
-              f"perplexity {metrics.get('eval_perplexity'):.2f} | {metrics['train_tokens_per_second']:,} tokens/s")
+        print(
+            f"Done: {output_dir} | eval_loss {metrics.get('eval_loss'):.4f} | "
+            f"perplexity {metrics.get('eval_perplexity'):.2f} | {metrics['train_tokens_per_second']:,} tokens/s"
+        )
     return metrics
 
 

@@ -18,11 +18,64 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = (
-    "the king queen lord lady crown sword night day love death heaven earth fair foul good sweet "
-    "speak hear see come go stay know think thou thee thy my mine our your his her what why how "
-    "when where now never ever hath doth shall will would must may might and but or not no yes"
-).split()
+WORDS = [
+    "the",
+    "king",
+    "queen",
+    "lord",
+    "lady",
+    "crown",
+    "sword",
+    "night",
+    "day",
+    "love",
+    "death",
+    "heaven",
+    "earth",
+    "fair",
+    "foul",
+    "good",
+    "sweet",
+    "speak",
+    "hear",
+    "see",
+    "come",
+    "go",
+    "stay",
+    "know",
+    "think",
+    "thou",
+    "thee",
+    "thy",
+    "my",
+    "mine",
+    "our",
+    "your",
+    "his",
+    "her",
+    "what",
+    "why",
+    "how",
+    "when",
+    "where",
+    "now",
+    "never",
+    "ever",
+    "hath",
+    "doth",
+    "shall",
+    "will",
+    "would",
+    "must",
+    "may",
+    "might",
+    "and",
+    "but",
+    "or",
+    "not",
+    "no",
+    "yes",
+]
 
 
 def write_prose(path: Path, words: int, seed: int) -> Path:

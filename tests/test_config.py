@@ -151,7 +151,7 @@ def test_check_command_prints_resolved_settings(tiny_config, capsys) -> None:
     config = tiny_config()
     hfpipe_main(["check", str(config), "--learning_rate", "2e-4"])
     out = capsys.readouterr().out
-    assert f"valid for recipes/pretrain.py" in out
+    assert "valid for recipes/pretrain.py" in out
     assert "learning_rate: 0.0002" in out and "n_layer: 2" in out and "bf16: false" in out
     assert "# output_dir: new run" in out
 

@@ -38,7 +38,8 @@ class DataArguments:
     )
     block_size: int = field(default=256, metadata={"help": "Context length: text is packed into blocks of this size."})
     data_cache_dir: str | None = field(
-        default=None, metadata={"help": "Where tokenized data and trained tokenizers are cached. Default: ~/.cache/hfpipe."}
+        default=None,
+        metadata={"help": "Where tokenized data and trained tokenizers are cached. Default: ~/.cache/hfpipe."},
     )
 
 
@@ -91,6 +92,13 @@ def cuda_bf16_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+def has_accelerator() -> bool:
+    """True when torch sees a GPU (CUDA, ROCm, XPU) or Apple MPS device."""
+    xpu = getattr(torch, "xpu", None)
+    mps = getattr(torch.backends, "mps", None)
+    return torch.cuda.is_available() or bool(xpu and xpu.is_available()) or bool(mps and mps.is_available())
+
+
 def device_defaults() -> dict[str, object]:
     """Precision and loader defaults that work and are fast on this machine.
 
@@ -101,7 +109,8 @@ def device_defaults() -> dict[str, object]:
 
 
 def check_precision(values: dict[str, object], where: str) -> None:
-    """Stop on a precision setting this machine cannot run, before anything is loaded."""
+    """Stop on a precision setting this machine cannot run, before anything is loaded; on a machine with no
+    accelerator, set use_cpu so that CPU runs (DDP with gloo included) are set up as such."""
     if values.get("bf16") and values.get("fp16"):
         raise ConfigError(f"{where}: bf16 and fp16 are both true; keep one (or neither: hfpipe picks per device).")
     if values.get("bf16") and not values.get("use_cpu") and not cuda_bf16_available():
@@ -111,3 +120,6 @@ def check_precision(values: dict[str, object], where: str) -> None:
         )
     if values.get("fp16") and not torch.cuda.is_available():
         raise ConfigError(f"{where}: fp16: true needs a CUDA GPU and none was found. Remove the key.")
+    if not has_accelerator():
+        # Without it, torchrun on a CPU-only machine starts independent, unsynchronised processes.
+        values["use_cpu"] = True

@@ -90,8 +90,10 @@ def _load_hub(data_args: DataArguments, split: str) -> Dataset:
     try:
         dataset = load_dataset(data_args.dataset_name, data_args.dataset_config, split=split)
     except Exception as error:  # network, auth or missing split: one line, whatever the cause
-        raise DataError(f"dataset_name: '{data_args.dataset_name}' split '{split}' could not be loaded: "
-                        f"{str(error).splitlines()[0]}") from None
+        raise DataError(
+            f"dataset_name: '{data_args.dataset_name}' split '{split}' could not be loaded: "
+            f"{str(error).splitlines()[0]}"
+        ) from None
     if data_args.text_column not in dataset.column_names:
         raise DataError(
             f"{data_args.dataset_name}: no column '{data_args.text_column}' (columns: "
@@ -113,7 +115,9 @@ def load_raw_splits(data_args: DataArguments, where: str, smoke: bool = False) -
     elif data_args.dataset_name and data_args.dataset_test_split:
         splits["validation"] = _load_hub(data_args, data_args.dataset_test_split)
     if data_args.text_column != "text":
-        splits = DatasetDict({name: split.rename_column(data_args.text_column, "text") for name, split in splits.items()})
+        splits = DatasetDict(
+            {name: split.rename_column(data_args.text_column, "text") for name, split in splits.items()}
+        )
     if smoke:
         splits = DatasetDict(
             {

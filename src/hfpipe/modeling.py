@@ -84,7 +84,9 @@ def check_model_path(name: str, key: str, where: str) -> None:
         raise ConfigError(f"{where}: {key}: '{name}' is not a directory. Give a model output dir or a Hub id.")
 
 
-def load_causal_lm(name: str, revision: str, dtype: str | None, attn: str | None, trust_remote_code: bool) -> PreTrainedModel:
+def load_causal_lm(
+    name: str, revision: str, dtype: str | None, attn: str | None, trust_remote_code: bool
+) -> PreTrainedModel:
     """Load a pretrained causal LM from safetensors weights; a load failure is a one-line ConfigError."""
     try:
         return AutoModelForCausalLM.from_pretrained(

@@ -17,9 +17,9 @@ def plot_losses(log_history: list[dict[str, Any]], path: Path, title: str) -> No
     valid = [(entry["step"], entry["eval_loss"]) for entry in log_history if "eval_loss" in entry]
     figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
     if train:
-        axes.plot(*zip(*train), label="train loss", linewidth=1.2)
+        axes.plot(*zip(*train, strict=True), label="train loss", linewidth=1.2)
     if valid:
-        axes.plot(*zip(*valid), "o-", label="validation loss", linewidth=1.5)
+        axes.plot(*zip(*valid, strict=True), "o-", label="validation loss", linewidth=1.5)
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("cross-entropy (nats/token)")
     axes.set_title(title)

@@ -21,13 +21,12 @@ from hfpipe.args import (
 )
 from hfpipe.config import ParsedConfig, parse
 from hfpipe.data import (
-    fingerprint_of,
     build_blocks,
-    cap_validation,
     cache_root,
+    cap_validation,
     data_fingerprint,
+    fingerprint_of,
     iter_texts,
-    load_raw_splits,
     resolve_files,
     tokenizer_fingerprint,
 )
@@ -36,7 +35,14 @@ from hfpipe.modeling import SHAPE_KEYS, build_gpt2, check_model_path, check_shap
 from hfpipe.run import check_not_finished
 from hfpipe.tokenizer import MIN_BPE_VOCAB, train_bpe, train_char
 
-PRETRAIN_ARGUMENTS = (TrainingArguments, ModelConfig, DataArguments, TokenizerArguments, GPT2ShapeArguments, RunArguments)
+PRETRAIN_ARGUMENTS = (
+    TrainingArguments,
+    ModelConfig,
+    DataArguments,
+    TokenizerArguments,
+    GPT2ShapeArguments,
+    RunArguments,
+)
 
 # Pretraining defaults that differ from TrainingArguments': GPT-style optimizer settings, frequent logging,
 # evaluation and checkpoints with the best one kept, a checkpoint on SIGTERM.
@@ -58,6 +64,7 @@ PRETRAIN_DEFAULTS: dict[str, Any] = {
     "greater_is_better": False,
     "enable_jit_checkpoint": True,
     "report_to": "none",
+    "ddp_find_unused_parameters": False,  # every weight of a causal LM gets a gradient
 }
 # --smoke: a few steps that still evaluate, checkpoint and log every step.
 SMOKE_SETTINGS: dict[str, Any] = {"max_steps": 4, "eval_steps": 2, "save_steps": 2, "logging_steps": 1}
@@ -109,9 +116,9 @@ def _validate_model(values: dict[str, Any], where: str) -> None:
         return
     shape = GPT2ShapeArguments(**{key: values[key] for key in ("model_size", "dropout", *SHAPE_KEYS)})
     check_shape(shape, values["block_size"], where)
-    if not values.get("tokenizer_name_or_path") and values["tokenizer_type"] == "bpe":
-        if values["vocab_size"] < MIN_BPE_VOCAB:
-            raise ConfigError(f"{where}: vocab_size: {values['vocab_size']} must be at least {MIN_BPE_VOCAB} for BPE.")
+    trains_bpe = not values.get("tokenizer_name_or_path") and values["tokenizer_type"] == "bpe"
+    if trains_bpe and values["vocab_size"] < MIN_BPE_VOCAB:
+        raise ConfigError(f"{where}: vocab_size: {values['vocab_size']} must be at least {MIN_BPE_VOCAB} for BPE.")
 
 
 def _validate_data(values: dict[str, Any], where: str) -> None:
@@ -197,7 +204,8 @@ def load_blocks(parsed: ParsedConfig, raw: DatasetDict, tokenizer: PreTrainedTok
         ]
     )
     blocks = build_blocks(raw, tokenizer, data_args, cache_root(data_args) / "blocks" / key)
-    return cap_validation(blocks, data_args.max_eval_samples)
+    # Torch tensors straight from Arrow: the collator stacks them instead of converting Python lists.
+    return cap_validation(blocks, data_args.max_eval_samples).with_format("torch")
 
 
 def load_model(parsed: ParsedConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -229,4 +237,3 @@ def default_prompts(blocks: DatasetDict, tokenizer: PreTrainedTokenizerBase, cou
     step = max(1, len(validation) // count)
     rows = range(0, min(len(validation), step * count), step)
     return [tokenizer.decode(validation[row]["input_ids"][:8]) for row in rows]
-
