@@ -13,8 +13,8 @@ from pathlib import Path
 
 from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
-from hfpipe.args import DataArguments, RunArguments
-from hfpipe.callbacks import RankReportCallback, SampleCallback, ThroughputCallback
+from hfpipe.args import DataArguments, RunArguments, use_cpu_cores
+from hfpipe.callbacks import LogExtrasCallback, RankReportCallback, SampleCallback
 from hfpipe.data import load_raw_splits
 from hfpipe.errors import exit_on_user_error
 from hfpipe.pretraining import (
@@ -35,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     training_args = parsed.get(TrainingArguments)
     data_args, run_args = parsed.get(DataArguments), parsed.get(RunArguments)
     output_dir = Path(training_args.output_dir)
+    threads = use_cpu_cores(training_args.use_cpu)
     with training_args.main_process_first(desc="preparing the output dir, tokenizer and data"):
         resume_from = prepare_output_dir(
             output_dir, run_args.overwrite_output_dir, str(parsed.path), training_args.process_index == 0
@@ -52,10 +53,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     print(
         f"{model.num_parameters():,} parameters | {len(blocks['train']):,} train and {len(blocks['validation']):,} "
-        f"validation blocks of {data_args.block_size} tokens | {tokens_per_step:,} tokens per step"
+        f"validation blocks of {data_args.block_size} tokens | {tokens_per_step:,} tokens per step | "
+        f"{f'CPU, {threads} threads' if training_args.use_cpu else 'accelerator'}"
     )
     prompts = run_args.sample_prompts or default_prompts(blocks, tokenizer)
-    throughput = ThroughputCallback(tokens_per_step)
+    log_extras = LogExtrasCallback(tokens_per_step)
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -65,14 +67,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         data_collator=default_data_collator,
         callbacks=[SampleCallback(tokenizer, prompts, run_args.sample_max_new_tokens), RankReportCallback()],
     )
-    # First in line, so that the progress printer shows the tokens/s it adds to each log.
-    trainer.callback_handler.callbacks.insert(0, throughput)
+    trainer.callback_handler.callbacks.insert(0, log_extras)  # before the printer: it adds to the logs
     if training_args.process_index == 0:
         save_resolved_config(output_dir, "pretrain", resolved_settings(parsed))
     train(trainer, resume_from)
     extra = {
         "parameters": model.num_parameters(),
-        "train_tokens_per_second": round(throughput.tokens_per_second, 1),
+        "train_tokens_per_second": round(log_extras.tokens_per_second, 1),
         "world_size": training_args.world_size,
     }
     metrics = finish(trainer, training_args.run_name, extra)

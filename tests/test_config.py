@@ -31,10 +31,13 @@ def test_every_shipped_config_starts_with_its_command(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", RECIPE_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_shipped_recipe_config_parses(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_shipped_recipe_config_parses(path: Path, monkeypatch: pytest.MonkeyPatch, tiny_gpt2_dir: Path) -> None:
     monkeypatch.chdir(ROOT)
     assert recipe_of(path) == "pretrain"
-    parsed = parse_pretrain(["--config", str(path.relative_to(ROOT)), "--output_dir", "/nonexistent/run"])
+    flags = ["--output_dir", "/nonexistent/run"]
+    if "model_name_or_path:" in path.read_text():  # an earlier stage's output, absent in a fresh clone
+        flags += ["--model_name_or_path", str(tiny_gpt2_dir)]
+    parsed = parse_pretrain(["--config", str(path.relative_to(ROOT)), *flags])
     training_args = parsed.values[0]
     assert training_args.bf16 is False  # no GPU here: the device default, not TRL's bf16 crash
     assert training_args.output_dir == "/nonexistent/run"
@@ -55,6 +58,7 @@ def run_expecting_error(main: Callable, argv: list[str], capsys: pytest.CaptureF
 
 BAD_VALUES = [
     ("learnin_rate: 1.0e-3", ["unknown key 'learnin_rate'", "Did you mean 'learning_rate'?"]),
+    ("n_layers: 3", ["unknown key 'n_layers'", "Did you mean 'n_layer'?"]),
     ("torch_dtype: float32", ["'torch_dtype' was renamed", "use 'dtype'"]),
     ("evaluation_strategy: steps", ["'evaluation_strategy' was renamed", "use 'eval_strategy'"]),
     ("max_seq_length: 64", ["'max_seq_length' was renamed", "use 'block_size'"]),

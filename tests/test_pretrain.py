@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,12 @@ def test_from_scratch_run_writes_a_loadable_model_and_its_records(tiny_config, p
     assert saved["parameters"] == model.num_parameters()
     assert saved["train_tokens_per_second"] > 0
     assert (run / "loss.png").stat().st_size > 1000
+    history = json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    evaluations = [entry for entry in history if "eval_loss" in entry]
+    assert [entry["step"] for entry in evaluations] == [2, 4]
+    for entry in evaluations:
+        assert entry["eval_perplexity"] == pytest.approx(math.exp(entry["eval_loss"]))
+    assert all(entry["tokens_per_second"] > 0 for entry in history if "loss" in entry and entry["step"] > 1)
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert {sample["step"] for sample in samples} == {2, 4}
     assert all(sample["prompt"] for sample in samples)
@@ -162,3 +169,11 @@ def test_best_checkpoint_is_kept_beside_the_latest(tiny_config, pretrain_main) -
     best = Path(metrics["best_checkpoint"]).name
     assert best not in ("checkpoint-6", "checkpoint-8"), "the setup must make an early checkpoint the best"
     assert kept == sorted([best, "checkpoint-8"])  # save_total_limit defaults to 2: the best and the latest
+
+
+def test_existing_tokenizer_dir_is_used_as_is(tiny_config, tiny_tokenizer_dir, pretrain_main) -> None:
+    config = tiny_config()
+    pretrain_main(["--config", str(config), "--tokenizer_name_or_path", str(tiny_tokenizer_dir)])
+    saved = AutoTokenizer.from_pretrained(config.parent / "run")
+    original = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    assert saved.get_vocab() == original.get_vocab() and len(saved) == 320

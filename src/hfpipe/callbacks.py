@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,12 @@ import torch
 from transformers import PreTrainedTokenizerBase, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 
-class ThroughputCallback(TrainerCallback):
-    """Adds `tokens_per_second` (training steps only, evaluation and saving excluded) to every log line."""
+class LogExtrasCallback(TrainerCallback):
+    """Adds `tokens_per_second` (training steps only: evaluation and saving excluded) to training logs and
+    `eval_perplexity` to evaluation logs, in the printed line and in the log history alike.
+
+    Insert it first in the callback list, so that the progress printer sees what it adds.
+    """
 
     def __init__(self, tokens_per_step: int) -> None:
         self.tokens_per_step = tokens_per_step
@@ -24,27 +29,38 @@ class ThroughputCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self._last_step_end = time.perf_counter()
 
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if self._last_step_end is None:  # restart the clock after an evaluation or a save
+            self._last_step_end = time.perf_counter()
+
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         now = time.perf_counter()
-        if self._last_step_end is not None:
-            elapsed = now - self._last_step_end
-            self.train_seconds += elapsed
-            self.train_tokens += self.tokens_per_step
-            self._window[0] += elapsed
-            self._window[1] += self.tokens_per_step
+        elapsed = now - self._last_step_end
+        self.train_seconds += elapsed
+        self.train_tokens += self.tokens_per_step
+        self._window[0] += elapsed
+        self._window[1] += self.tokens_per_step
         self._last_step_end = now
 
     def _pause(self, *args: Any, **kwargs: Any) -> None:
-        # Time spent evaluating or saving is not training time.
+        # Time spent evaluating, sampling or saving is not training time.
         self._last_step_end = None
 
     on_evaluate = _pause
     on_save = _pause
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
-        if logs is not None and "loss" in logs and self._window[0] > 0:
-            logs["tokens_per_second"] = round(self._window[1] / self._window[0], 1)
+        if logs is None:
+            return
+        extras: dict[str, float] = {}
+        if "loss" in logs and self._window[0] > 0:
+            extras["tokens_per_second"] = round(self._window[1] / self._window[0], 1)
             self._window = [0.0, 0]
+        if "eval_loss" in logs:
+            extras["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+        logs.update(extras)
+        if state.log_history:  # the Trainer appended a copy of `logs` just before calling us
+            state.log_history[-1].update(extras)
 
     @property
     def tokens_per_second(self) -> float:

@@ -59,10 +59,13 @@ def _load_files(files: list[str], text_column: str) -> Dataset:
     # One row per .txt file keeps line breaks and lets documents end with EOS.
     options: dict[str, Any] = {"sample_by": "document"} if builder == "text" else {}
     for file in files:
-        _check_utf8(file)
+        if os.path.getsize(file) == 0:
+            raise DataError(f"{file}: the file is empty. Remove it from the list or add text to it.")
+        if builder != "parquet":  # binary; the others are text files that must be UTF-8
+            _check_utf8(file)
     try:
         dataset = load_dataset(builder, data_files=files, split="train", **options)
-    except (datasets.exceptions.DatasetGenerationError, ValueError) as error:
+    except (datasets.exceptions.DatasetGenerationError, ValueError, StopIteration) as error:
         cause = error.__cause__ or error
         raise DataError(f"{', '.join(files)}: could not be read as {builder}: {str(cause).splitlines()[0]}") from None
     if text_column not in dataset.column_names:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import enum
 import json
-import math
 import re
 import shutil
 import sys
@@ -137,8 +136,6 @@ def finish(trainer: Trainer, run_name: str, extra_metrics: dict[str, Any]) -> di
         "hfpipe_version": __version__,
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    if "eval_loss" in eval_metrics:
-        metrics["eval_perplexity"] = math.exp(min(eval_metrics["eval_loss"], 50.0))
     plot_losses(state.log_history, output_dir / "loss.png", run_name)
     (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
