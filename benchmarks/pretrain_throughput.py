@@ -59,8 +59,8 @@ def handwritten_run(parsed, tokenizer, blocks, eval_every: int | None, save_dir:
         steps,
         scheduler_specific_kwargs=args.lr_scheduler_kwargs,
     )
-    train = blocks["train"].with_format("torch")["input_ids"]
-    validation = blocks["validation"].with_format("torch")["input_ids"]
+    train = blocks["train"].with_format("torch")[:]["input_ids"]
+    validation = blocks["validation"].with_format("torch")[:]["input_ids"]
     batch_size = args.per_device_train_batch_size
     generator = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(train), generator=generator)

@@ -177,3 +177,19 @@ def test_existing_tokenizer_dir_is_used_as_is(tiny_config, tiny_tokenizer_dir, p
     saved = AutoTokenizer.from_pretrained(config.parent / "run")
     original = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     assert saved.get_vocab() == original.get_vocab() and len(saved) == 320
+
+
+def test_hub_model_offline_is_one_clear_line(tiny_config, pretrain_main, capsys) -> None:
+    config = tiny_config()
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain_main(["--config", str(config), "--model_name_or_path", "someone/tiny-gpt2", "--n_layer", "2"])
+    assert exit_info.value.code == 2
+    assert "n_layer shapes a from-scratch model" in capsys.readouterr().err
+    text = "\n".join(line for line in config.read_text().splitlines() if not line.startswith(("n_", "vocab")))
+    config.write_text(text + "\nmodel_name_or_path: someone/tiny-gpt2\n")
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain_main(["--config", str(config)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: model_name_or_path: no tokenizer could be loaded from 'someone/tiny-gpt2'")
+    assert len(err.splitlines()) == 1 and "Traceback" not in err

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from hfpipe.config import ParsedConfig, recipe_of
+from hfpipe.config import ParsedConfig, public_settings, recipe_of
 from hfpipe.errors import ConfigError, did_you_mean, exit_on_user_error
 
 
@@ -43,7 +43,7 @@ def check(config: Path, recipe: str | None, overrides: Sequence[str]) -> None:
     parsed = parse(["--config", str(config), *overrides])
     settings = resolve(parsed)
     print(f"# {config}: valid for recipes/{recipe}.py")
-    print(yaml.safe_dump({k: v for k, v in settings.items() if k != "hub_token"}, sort_keys=False), end="")
+    print(yaml.safe_dump(public_settings(settings), sort_keys=False), end="")
     output_dir = Path(settings["output_dir"])
     if is_finished(output_dir):
         state = "finished run (overwrite_output_dir: true replaces it)"

@@ -37,9 +37,6 @@ RENAMED_KEYS: dict[str, tuple[str, ...]] = {
     "push_to_hub_model_id": ("hub_model_id",),
     "push_to_hub_organization": ("hub_model_id",),
     "max_prompt_length": ("max_length",),
-    "dataset_config_name": ("dataset_config",),
-    "train_file": ("train_files",),
-    "validation_file": ("validation_files",),
 }
 
 # TrainingArguments fields that must be strictly positive when set.
@@ -67,7 +64,6 @@ class ParsedConfig:
     values: tuple[Any, ...]
     path: Path | None
     user_keys: dict[str, Any]
-    recipe: str | None
 
     def get(self, cls: type) -> Any:
         """Return the parsed instance of dataclass `cls`."""
@@ -138,11 +134,6 @@ def recipe_of(path: Path) -> str | None:
     return None
 
 
-def _describe(hint: Any) -> str:
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-    return names.get(hint, getattr(hint, "__name__", str(hint)))
-
-
 def coerce(value: Any, hint: Any) -> Any:
     """Check `value` against the type annotation `hint` and convert where YAML is loose (`1e-3` is a str).
 
@@ -174,9 +165,7 @@ def coerce(value: Any, hint: Any) -> Any:
         raise _Mismatch(f"one of {choices}{did_you_mean(str(value), [str(a) for a in args])}")
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         choices = [member.value for member in hint]
-        if isinstance(value, hint):
-            return value
-        if value in choices:
+        if isinstance(value, hint) or value in choices:
             return value
         raise _Mismatch(f"one of {', '.join(map(str, choices))}{did_you_mean(str(value), map(str, choices))}")
     if hint is bool:
@@ -317,12 +306,7 @@ def parse(
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ConfigError(f"{where}: {message}") from None
     user_keys = {**yaml_values, **{key: merged[key] for key in cli_keys}}
-    return ParsedConfig(values=tuple(values), path=path, user_keys=user_keys, recipe=recipe_of(path) if path else None)
-
-
-def where_of(parsed: ParsedConfig) -> str:
-    """Return the file name to put in front of an error about this config."""
-    return str(parsed.path) if parsed.path else "command line"
+    return ParsedConfig(values=tuple(values), path=path, user_keys=user_keys)
 
 
 def public_settings(settings: dict[str, Any]) -> dict[str, Any]:

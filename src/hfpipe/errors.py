@@ -25,16 +25,10 @@ class DataError(UserError):
     """An input data file or dataset that cannot be used as written."""
 
 
-def nearest(word: str, candidates: Iterable[str]) -> str | None:
-    """Return the candidate closest to `word`, or None when nothing is close enough to suggest."""
-    matches = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return matches[0] if matches else None
-
-
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
-    """Return a ' Did you mean X?' suffix for `word`, or an empty string."""
-    match = nearest(word, candidates)
-    return f" Did you mean '{match}'?" if match else ""
+    """Return a " Did you mean 'X'?" suffix naming the candidate closest to `word`, or an empty string."""
+    matches = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" Did you mean '{matches[0]}'?" if matches else ""
 
 
 def exit_on_user_error(func: Callable[..., T]) -> Callable[..., T]:

@@ -172,7 +172,13 @@ def load_tokenizer(parsed: ParsedConfig, raw: DatasetDict, smoke: bool) -> PreTr
     run_args = parsed.get(RunArguments)
     name = tok_args.tokenizer_name_or_path or model_args.model_name_or_path
     if name:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=run_args.trust_remote_code)
+        key = "tokenizer_name_or_path" if tok_args.tokenizer_name_or_path else "model_name_or_path"
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=run_args.trust_remote_code)
+        except OSError as error:
+            raise ConfigError(
+                f"{key}: no tokenizer could be loaded from '{name}': {str(error).splitlines()[0]}"
+            ) from None
         if tokenizer.eos_token_id is None:
             raise ConfigError(f"tokenizer '{name}' has no EOS token; pretraining separates documents with it.")
         if tokenizer.pad_token_id is None:

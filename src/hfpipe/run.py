@@ -129,6 +129,7 @@ def finish(trainer: Trainer, run_name: str, extra_metrics: dict[str, Any]) -> di
         "run_name": run_name,
         "global_step": state.global_step,
         "train_loss": _last(state.log_history, "loss"),
+        "train_runtime": _last(state.log_history, "train_runtime"),
         **{key: value for key, value in eval_metrics.items() if key.startswith("eval_")},
         **extra_metrics,
         "best_checkpoint": state.best_model_checkpoint,
