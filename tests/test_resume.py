@@ -17,7 +17,18 @@ from hfpipe.run import last_complete_checkpoint
 
 RECIPE = str(ROOT / "recipes" / "pretrain.py")
 # Dropout on, so that resuming must also restore the RNG streams to match.
-RUN_FLAGS = ["--max_steps", "40", "--eval_steps", "10", "--dropout", "0.1", "--logging_steps", "10"]
+RUN_FLAGS = [
+    "--per_device_train_batch_size",
+    "32",
+    "--max_steps",
+    "40",
+    "--eval_steps",
+    "10",
+    "--dropout",
+    "0.1",
+    "--logging_steps",
+    "10",
+]
 
 
 def launch(config: Path, output_dir: Path, *flags: str) -> subprocess.Popen:
