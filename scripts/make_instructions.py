@@ -95,10 +95,28 @@ OPPOSITES = {
     "strong": "weak",
     "laugh": "weep",
 }
-WORDS = (
-    "crown sword castle dagger ghost witch storm island forest letter poison ring tempest sonnet "
-    "kingdom honour mercy fortune tragedy comedy"
-).split()
+WORDS = [
+    "crown",
+    "sword",
+    "castle",
+    "dagger",
+    "ghost",
+    "witch",
+    "storm",
+    "island",
+    "forest",
+    "letter",
+    "poison",
+    "ring",
+    "tempest",
+    "sonnet",
+    "kingdom",
+    "honour",
+    "mercy",
+    "fortune",
+    "tragedy",
+    "comedy",
+]
 
 
 # Entries that name a group or several people, not one character.
