@@ -10,6 +10,7 @@ from conftest import ROOT, write_config
 
 from hfpipe.cli import main as hfpipe_main
 from hfpipe.config import recipe_of
+from hfpipe.finetuning import parse_sft
 from hfpipe.pretraining import parse_pretrain
 
 SHIPPED = sorted((ROOT / "configs").glob("**/*.yaml"))
@@ -33,11 +34,11 @@ def test_every_shipped_config_starts_with_its_command(path: Path) -> None:
 @pytest.mark.parametrize("path", RECIPE_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_recipe_config_parses(path: Path, monkeypatch: pytest.MonkeyPatch, tiny_gpt2_dir: Path) -> None:
     monkeypatch.chdir(ROOT)
-    assert recipe_of(path) == "pretrain"
+    parse = {"pretrain": parse_pretrain, "sft": parse_sft}[recipe_of(path)]
     flags = ["--output_dir", "/nonexistent/run"]
-    if "model_name_or_path:" in path.read_text():  # an earlier stage's output, absent in a fresh clone
+    if "model_name_or_path: outputs/" in path.read_text():  # an earlier stage's output, absent in a fresh clone
         flags += ["--model_name_or_path", str(tiny_gpt2_dir)]
-    parsed = parse_pretrain(["--config", str(path.relative_to(ROOT)), *flags])
+    parsed = parse(["--config", str(path.relative_to(ROOT)), *flags])
     training_args = parsed.values[0]
     assert training_args.bf16 is False  # no GPU here: the device default, not TRL's bf16 crash
     assert training_args.output_dir == "/nonexistent/run"

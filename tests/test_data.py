@@ -75,7 +75,7 @@ def test_non_utf8_file_names_the_line(tmp_path: Path) -> None:
 def test_malformed_jsonl_is_one_line(tmp_path: Path) -> None:
     path = tmp_path / "broken.jsonl"
     path.write_text('{"text": "ok"}\n{"text": oops}\n')
-    with pytest.raises(DataError, match=r"broken\.jsonl: could not be read as json") as info:
+    with pytest.raises(DataError, match=r"broken\.jsonl: line 2 is not valid JSON") as info:
         load_raw_splits(DataArguments(train_files=[str(path)]), "cfg.yaml")
     assert "\n" not in str(info.value)
 

@@ -81,11 +81,48 @@ class RunArguments:
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Replace a finished run in output_dir instead of stopping."}
     )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model's repo."})
     sample_prompts: list[str] | None = field(
         default=None, metadata={"help": "Prompts for sample generations. Default: starts of validation blocks."}
     )
     sample_max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated per sample."})
+
+
+@dataclass
+class RemoteCodeArguments:
+    """For recipes whose trainer config has no such key (TRL's configs do)."""
+
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model's repo."})
+
+
+@dataclass
+class SFTDataArguments:
+    """Where the fine-tuning rows come from, how they are checked and rendered (besides TRL's `datasets` mixture
+    and `test_split_size` keys)."""
+
+    train_files: list[str] | None = field(
+        default=None, metadata={"help": "Local .jsonl/.json/.csv/.parquet files or globs to fine-tune on."}
+    )
+    validation_files: list[str] | None = field(
+        default=None, metadata={"help": "Held-out files. Default: test_split_size of the training rows."}
+    )
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset name (needs the network)."})
+    dataset_config: str | None = field(default=None, metadata={"help": "The Hub dataset's config name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split of the Hub dataset to train on."})
+    dataset_test_split: str | None = field(default=None, metadata={"help": "Split of the Hub dataset to validate on."})
+    skip_bad_rows: bool = field(
+        default=False, metadata={"help": "Skip rows that cannot be trained on (counted) instead of stopping."}
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "'chatml' (built in) or a .jinja file. Default: the tokenizer's own template; without one, "
+            "the '### Instruction:' layout."
+        },
+    )
+    system_prompt: str | None = field(default=None, metadata={"help": "System message added to instruction rows."})
+    merge_adapter: bool = field(
+        default=False, metadata={"help": "After LoRA training, also save base + adapter merged into output_dir/merged."}
+    )
 
 
 def cuda_bf16_available() -> bool:

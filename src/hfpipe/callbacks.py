@@ -16,11 +16,14 @@ class LogExtrasCallback(TrainerCallback):
     """Adds `tokens_per_second` (training steps only: evaluation and saving excluded) to training logs and
     `eval_perplexity` to evaluation logs, in the printed line and in the log history alike.
 
-    Insert it first in the callback list, so that the progress printer sees what it adds.
+    Insert it first in the callback list, so that the progress printer sees what it adds. With
+    `tokens_per_step=None` it counts the real (non-padding) tokens the Trainer saw instead
+    (`include_num_input_tokens_seen: non_padding`).
     """
 
-    def __init__(self, tokens_per_step: int) -> None:
+    def __init__(self, tokens_per_step: int | None) -> None:
         self.tokens_per_step = tokens_per_step
+        self._tokens_seen = 0
         self.train_seconds = 0.0
         self.train_tokens = 0
         self._last_step_end: float | None = None
@@ -28,6 +31,7 @@ class LogExtrasCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self._last_step_end = time.perf_counter()
+        self._tokens_seen = state.num_input_tokens_seen  # non-zero when resuming
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         if self._last_step_end is None:  # restart the clock after an evaluation or a save
@@ -36,10 +40,15 @@ class LogExtrasCallback(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         now = time.perf_counter()
         elapsed = now - self._last_step_end
+        if self.tokens_per_step is None:
+            tokens = state.num_input_tokens_seen - self._tokens_seen
+            self._tokens_seen = state.num_input_tokens_seen
+        else:
+            tokens = self.tokens_per_step
         self.train_seconds += elapsed
-        self.train_tokens += self.tokens_per_step
+        self.train_tokens += tokens
         self._window[0] += elapsed
-        self._window[1] += self.tokens_per_step
+        self._window[1] += tokens
         self._last_step_end = now
 
     def _pause(self, *args: Any, **kwargs: Any) -> None:

@@ -19,9 +19,16 @@ def _pretrain_parsers() -> tuple[Callable[..., ParsedConfig], Callable[[ParsedCo
     return parse_pretrain, resolved_settings
 
 
+def _sft_parsers() -> tuple[Callable[..., ParsedConfig], Callable[[ParsedConfig], dict[str, Any]]]:
+    from hfpipe.finetuning import parse_sft, resolved_settings
+
+    return parse_sft, resolved_settings
+
+
 # Recipe name -> loader of (parse, resolved settings); imported lazily to keep `hfpipe --help` fast.
 RECIPES: dict[str, Callable[[], tuple[Callable[..., ParsedConfig], Callable[[ParsedConfig], dict[str, Any]]]]] = {
     "pretrain": _pretrain_parsers,
+    "sft": _sft_parsers,
 }
 
 

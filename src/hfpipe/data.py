@@ -27,9 +27,9 @@ SMOKE_ROWS = 8
 SMOKE_CHARS = 20_000
 
 
-def cache_root(data_args: DataArguments) -> Path:
-    """Return the directory for cached tokenizers and tokenized data."""
-    configured = data_args.data_cache_dir or os.environ.get("HFPIPE_CACHE")
+def cache_root(configured: str | None = None) -> Path:
+    """Return the directory for cached tokenizers, tokenized data and converted models."""
+    configured = configured or os.environ.get("HFPIPE_CACHE")
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "hfpipe"
 
 
@@ -54,73 +54,79 @@ def resolve_files(patterns: list[str], key: str, where: str) -> list[str]:
     return files
 
 
-def _load_files(files: list[str], text_column: str) -> Dataset:
+def load_files(files: list[str]) -> Dataset:
+    """Load local files of one format as a Dataset with all their columns (.txt: one row per file)."""
     builder = BUILDERS[Path(files[0]).suffix.lower()]
     # One row per .txt file keeps line breaks and lets documents end with EOS.
     options: dict[str, Any] = {"sample_by": "document"} if builder == "text" else {}
     for file in files:
-        if os.path.getsize(file) == 0:
-            raise DataError(f"{file}: the file is empty. Remove it from the list or add text to it.")
-        if builder != "parquet":  # binary; the others are text files that must be UTF-8
-            _check_utf8(file)
+        _check_file(file, builder)
     try:
-        dataset = load_dataset(builder, data_files=files, split="train", **options)
+        return load_dataset(builder, data_files=files, split="train", **options)
     except (datasets.exceptions.DatasetGenerationError, ValueError, StopIteration) as error:
         cause = error.__cause__ or error
         raise DataError(f"{', '.join(files)}: could not be read as {builder}: {str(cause).splitlines()[0]}") from None
-    if text_column not in dataset.column_names:
-        raise DataError(
-            f"{files[0]}: no column '{text_column}' (columns: {', '.join(dataset.column_names)}). "
-            f"Set text_column.{did_you_mean(text_column, dataset.column_names)}"
-        )
-    return dataset.select_columns([text_column])
 
 
-def _check_utf8(file: str) -> None:
+def _check_file(file: str, builder: str) -> None:
+    if os.path.getsize(file) == 0:
+        raise DataError(f"{file}: the file is empty. Remove it from the list or add text to it.")
+    if builder == "parquet":  # binary; the other formats are UTF-8 text
+        return
     with open(file, "rb") as handle:
-        line_number = 1
-        for line in handle:
+        for line_number, line in enumerate(handle, start=1):
             try:
-                line.decode("utf-8")
+                text = line.decode("utf-8")
             except UnicodeDecodeError as error:
                 raise DataError(
                     f"{file}: line {line_number} is not UTF-8 (byte {error.start}). Re-save the file as UTF-8."
                 ) from None
-            line_number += 1
+            if file.endswith(".jsonl") and text.strip():
+                try:
+                    json.loads(text)
+                except ValueError as error:
+                    raise DataError(
+                        f"{file}: line {line_number} is not valid JSON ({error.msg}). Fix or remove it."
+                    ) from None
 
 
-def _load_hub(data_args: DataArguments, split: str) -> Dataset:
+def load_hub(name: str, config: str | None, split: str) -> Dataset:
+    """Load one split of a Hub dataset; any failure (offline, auth, missing split) is one DataError line."""
     try:
-        dataset = load_dataset(data_args.dataset_name, data_args.dataset_config, split=split)
+        return load_dataset(name, config, split=split)
     except Exception as error:  # network, auth or missing split: one line, whatever the cause
         raise DataError(
-            f"dataset_name: '{data_args.dataset_name}' split '{split}' could not be loaded: "
-            f"{str(error).splitlines()[0]}"
+            f"dataset_name: '{name}' split '{split}' could not be loaded: {str(error).splitlines()[0]}"
         ) from None
-    if data_args.text_column not in dataset.column_names:
+
+
+def select_text(dataset: Dataset, column: str, source: str) -> Dataset:
+    """Keep only the text column, renamed to 'text'."""
+    if column not in dataset.column_names:
         raise DataError(
-            f"{data_args.dataset_name}: no column '{data_args.text_column}' (columns: "
-            f"{', '.join(dataset.column_names)}). Set text_column."
+            f"{source}: no column '{column}' (columns: {', '.join(dataset.column_names)}). "
+            f"Set text_column.{did_you_mean(column, dataset.column_names)}"
         )
-    return dataset.select_columns([data_args.text_column])
+    dataset = dataset.select_columns([column])
+    return dataset if column == "text" else dataset.rename_column(column, "text")
 
 
 def load_raw_splits(data_args: DataArguments, where: str, smoke: bool = False) -> DatasetDict:
-    """Load the raw text as a DatasetDict with 'train' and, when given, 'validation' (one text column)."""
+    """Load the raw text as a DatasetDict with 'train' and, when given, 'validation' (one 'text' column)."""
+    column = data_args.text_column
     splits = DatasetDict()
     if data_args.train_files:
-        splits["train"] = _load_files(resolve_files(data_args.train_files, "train_files", where), data_args.text_column)
+        files = resolve_files(data_args.train_files, "train_files", where)
+        splits["train"] = select_text(load_files(files), column, files[0])
     else:
-        splits["train"] = _load_hub(data_args, data_args.dataset_train_split)
+        hub = load_hub(data_args.dataset_name, data_args.dataset_config, data_args.dataset_train_split)
+        splits["train"] = select_text(hub, column, data_args.dataset_name)
     if data_args.validation_files:
         files = resolve_files(data_args.validation_files, "validation_files", where)
-        splits["validation"] = _load_files(files, data_args.text_column)
+        splits["validation"] = select_text(load_files(files), column, files[0])
     elif data_args.dataset_name and data_args.dataset_test_split:
-        splits["validation"] = _load_hub(data_args, data_args.dataset_test_split)
-    if data_args.text_column != "text":
-        splits = DatasetDict(
-            {name: split.rename_column(data_args.text_column, "text") for name, split in splits.items()}
-        )
+        hub = load_hub(data_args.dataset_name, data_args.dataset_config, data_args.dataset_test_split)
+        splits["validation"] = select_text(hub, column, data_args.dataset_name)
     if smoke:
         splits = DatasetDict(
             {

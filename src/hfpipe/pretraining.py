@@ -14,6 +14,7 @@ from trl import ModelConfig
 from hfpipe.args import (
     DataArguments,
     GPT2ShapeArguments,
+    RemoteCodeArguments,
     RunArguments,
     TokenizerArguments,
     check_precision,
@@ -42,6 +43,7 @@ PRETRAIN_ARGUMENTS = (
     TokenizerArguments,
     GPT2ShapeArguments,
     RunArguments,
+    RemoteCodeArguments,
 )
 
 # Pretraining defaults that differ from TrainingArguments': GPT-style optimizer settings, frequent logging,
@@ -169,12 +171,12 @@ def load_tokenizer(parsed: ParsedConfig, raw: DatasetDict, smoke: bool) -> PreTr
     """Load the configured tokenizer, or train one on the training text (cached by data and settings)."""
     tok_args = parsed.get(TokenizerArguments)
     model_args = parsed.get(ModelConfig)
-    run_args = parsed.get(RunArguments)
+    trust_remote_code = parsed.get(RemoteCodeArguments).trust_remote_code
     name = tok_args.tokenizer_name_or_path or model_args.model_name_or_path
     if name:
         key = "tokenizer_name_or_path" if tok_args.tokenizer_name_or_path else "model_name_or_path"
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=run_args.trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         except OSError as error:
             raise ConfigError(
                 f"{key}: no tokenizer could be loaded from '{name}': {str(error).splitlines()[0]}"
@@ -187,7 +189,11 @@ def load_tokenizer(parsed: ParsedConfig, raw: DatasetDict, smoke: bool) -> PreTr
     data_args = parsed.get(DataArguments)
     fingerprint = data_fingerprint(data_args, str(parsed.path), smoke)
     size = "char" if tok_args.tokenizer_type == "char" else tok_args.vocab_size
-    cache_dir = cache_root(data_args) / "tokenizers" / fingerprint_of([fingerprint, tok_args.tokenizer_type, size])
+    cache_dir = (
+        cache_root(data_args.data_cache_dir)
+        / "tokenizers"
+        / fingerprint_of([fingerprint, tok_args.tokenizer_type, size])
+    )
     if (cache_dir / "tokenizer.json").is_file():
         print(f"Reusing the tokenizer trained on this data in {cache_dir}")
         return AutoTokenizer.from_pretrained(str(cache_dir))
@@ -209,7 +215,7 @@ def load_blocks(parsed: ParsedConfig, raw: DatasetDict, tokenizer: PreTrainedTok
             data_args.validation_split_fraction,
         ]
     )
-    blocks = build_blocks(raw, tokenizer, data_args, cache_root(data_args) / "blocks" / key)
+    blocks = build_blocks(raw, tokenizer, data_args, cache_root(data_args.data_cache_dir) / "blocks" / key)
     # Torch tensors straight from Arrow: the collator stacks them instead of converting Python lists.
     return cap_validation(blocks, data_args.max_eval_samples).with_format("torch")
 
@@ -229,7 +235,7 @@ def load_model(parsed: ParsedConfig, tokenizer: PreTrainedTokenizerBase) -> PreT
         model_args.model_revision,
         model_args.dtype,
         model_args.attn_implementation,
-        parsed.get(RunArguments).trust_remote_code,
+        parsed.get(RemoteCodeArguments).trust_remote_code,
     )
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if limit and data_args.block_size > limit:

@@ -119,11 +119,25 @@ def train(trainer: Trainer, resume_from: Path | None) -> None:
 
 def finish(trainer: Trainer, run_name: str, extra_metrics: dict[str, Any]) -> dict[str, Any]:
     """Save the final model, evaluate it, write loss.png and metrics.json (last); return the metrics."""
+    return write_records(trainer, run_name, save_and_evaluate(trainer), extra_metrics)
+
+
+def save_and_evaluate(trainer: Trainer) -> dict[str, Any]:
+    """Save the final model (or adapter) with its tokenizer and generation config; return the final evaluation."""
     output_dir = Path(trainer.args.output_dir)
     trainer.save_model(str(output_dir))
-    eval_metrics = _final_evaluation(trainer)
+    if trainer.is_world_process_zero() and getattr(trainer.model, "generation_config", None) is not None:
+        trainer.model.generation_config.save_pretrained(output_dir)  # adapters too: generation must stop at EOS
+    return _final_evaluation(trainer)
+
+
+def write_records(
+    trainer: Trainer, run_name: str, eval_metrics: dict[str, Any], extra_metrics: dict[str, Any]
+) -> dict[str, Any]:
+    """Write loss.png and metrics.json (last: it marks the run finished); return the metrics (main process)."""
     if not trainer.is_world_process_zero():
         return {}
+    output_dir = Path(trainer.args.output_dir)
     state = trainer.state
     metrics: dict[str, Any] = {
         "run_name": run_name,
@@ -131,6 +145,9 @@ def finish(trainer: Trainer, run_name: str, extra_metrics: dict[str, Any]) -> di
         "train_loss": _last(state.log_history, "loss"),
         "train_runtime": _last(state.log_history, "train_runtime"),
         **{key: value for key, value in eval_metrics.items() if key.startswith("eval_")},
+        "eval_loss_at_start": next(
+            (entry["eval_loss"] for entry in state.log_history if "eval_loss" in entry and entry.get("step") == 0), None
+        ),
         **extra_metrics,
         "best_checkpoint": state.best_model_checkpoint,
         "best_eval_loss": state.best_metric,

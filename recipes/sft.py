@@ -1,0 +1,106 @@
+"""Supervised fine-tuning (full, LoRA, DoRA or QLoRA) with TRL's SFTTrainer.
+
+    accelerate launch recipes/sft.py --config configs/sft/quickstart.yaml
+
+Rows may be plain text, instruction/output, messages or prompt/completion; the loss covers the responses
+only by default. Any YAML key can be overridden on the command line; `--smoke` runs a few steps; running
+the same command again resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from transformers import set_seed
+from trl import SFTConfig, SFTTrainer
+
+from hfpipe.args import RunArguments, SFTDataArguments, use_cpu_cores
+from hfpipe.callbacks import LogExtrasCallback, SampleCallback
+from hfpipe.chat_templates import check_saved_model
+from hfpipe.errors import exit_on_user_error
+from hfpipe.finetuning import (
+    assistant_loss_mode,
+    length_report,
+    load_model,
+    load_sft_splits,
+    load_tokenizer,
+    lora_config,
+    parse_sft,
+    resolved_settings,
+    sample_prompts,
+    save_merged,
+)
+from hfpipe.run import prepare_output_dir, save_and_evaluate, save_resolved_config, train, write_records
+
+
+@exit_on_user_error
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the recipe; return the final metrics (empty on non-main processes)."""
+    parsed = parse_sft(argv)
+    training_args, run_args = parsed.get(SFTConfig), parsed.get(RunArguments)
+    data_args = parsed.get(SFTDataArguments)
+    output_dir = Path(training_args.output_dir)
+    threads = use_cpu_cores(training_args.use_cpu)
+    with training_args.main_process_first(desc="preparing the output dir, model and data"):
+        resume_from = prepare_output_dir(
+            output_dir, run_args.overwrite_output_dir, str(parsed.path), training_args.process_index == 0
+        )
+        set_seed(training_args.seed)
+        tokenizer, template_choice, model_path = load_tokenizer(parsed)
+        splits, table = load_sft_splits(parsed, tokenizer, run_args.smoke)
+    splits["train"], lengths = length_report(
+        splits["train"], tokenizer, training_args.max_length, data_args.skip_bad_rows, "training rows"
+    )
+    loss_mode = assistant_loss_mode(tokenizer, splits)
+    training_args.assistant_only_loss = loss_mode == "assistant"
+    model = load_model(parsed, model_path, tokenizer)
+    print(table)
+    print(
+        f"{model.num_parameters():,} parameters | chat template: {template_choice} | loss on: {loss_mode} tokens | "
+        f"truncated at max_length={training_args.max_length}: {lengths['rows_truncated_fraction']:.1%} of rows, "
+        f"{lengths['tokens_truncated_fraction']:.1%} of tokens | "
+        f"{f'CPU, {threads} threads' if training_args.use_cpu else 'accelerator'}"
+    )
+    prompts = run_args.sample_prompts or sample_prompts(splits["validation"], tokenizer)
+    log_extras = LogExtrasCallback(tokens_per_step=None)
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=splits["train"],
+        eval_dataset=splits["validation"],
+        processing_class=tokenizer,
+        peft_config=lora_config(parsed, model),
+        callbacks=[SampleCallback(tokenizer, prompts, run_args.sample_max_new_tokens)],
+    )
+    trainer.callback_handler.callbacks.insert(0, log_extras)  # before the printer: it adds to the logs
+    if training_args.process_index == 0:
+        save_resolved_config(output_dir, "sft", resolved_settings(parsed))
+    train(trainer, resume_from)
+    eval_metrics = save_and_evaluate(trainer)
+    extra = {
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "train_tokens_per_second": round(log_extras.tokens_per_second, 1),
+        "train_rows": len(splits["train"]),
+        "loss_on": loss_mode,
+        "chat_template": template_choice,
+        **lengths,
+    }
+    if trainer.is_world_process_zero():
+        problems = check_saved_model(output_dir, splits["train"][0], trainer.train_dataset[0]["input_ids"])
+        for problem in problems:
+            print(f"WARNING: template check failed: {problem}")
+        extra["template_check"] = problems or "ok"
+        if data_args.merge_adapter:
+            extra["merged_model"] = str(save_merged(trainer, tokenizer, output_dir / "merged"))
+    metrics = write_records(trainer, training_args.run_name, eval_metrics, extra)
+    if metrics:
+        print(
+            f"Done: {output_dir} | eval_loss {metrics.get('eval_loss'):.4f} | template check: "
+            f"{metrics['template_check']} | {metrics['train_tokens_per_second']:,} tokens/s"
+        )
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

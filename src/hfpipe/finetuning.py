@@ -1,0 +1,346 @@
+"""What the SFT recipe needs beyond the shared run tail: its config sections and checks, the model and
+tokenizer (local dir, Hub name, .gguf or package-shipped model), data preparation and reports, LoRA."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset, DatasetDict
+from peft import LoraConfig
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from trl import DatasetMixtureConfig, ModelConfig, SFTConfig, get_peft_config
+
+from hfpipe.args import RunArguments, SFTDataArguments, check_precision, device_defaults
+from hfpipe.chat_templates import (
+    apply_chat_template_choice,
+    check_template_name,
+    fit_model_to_tokenizer,
+    has_generation_markers,
+)
+from hfpipe.config import ParsedConfig, parse
+from hfpipe.data import cache_root, resolve_files
+from hfpipe.errors import ConfigError, DataError
+from hfpipe.modeling import check_model_path, load_causal_lm
+from hfpipe.run import check_not_finished
+from hfpipe.sft_data import Source, concatenate, load_source, mix, prepare_source, rendered_lengths
+
+SFT_ARGUMENTS = (SFTConfig, ModelConfig, SFTDataArguments, DatasetMixtureConfig, RunArguments)
+
+# SFT defaults that differ from TRL's: a precision that runs on this device, no gradient checkpointing
+# (it trades speed for memory that small models do not need), frequent evaluation with the best checkpoint
+# kept, a checkpoint on SIGTERM, LoRA without dropout (dropout makes LoRA slower than full fine-tuning).
+SFT_DEFAULTS: dict[str, Any] = {
+    "gradient_checkpointing": None,  # TRL turns it on; the v5 name below avoids a FutureWarning
+    "activation_checkpointing": False,
+    "eval_on_start": True,  # the held-out loss before training, to compare with the end
+    "max_length": 512,
+    "num_train_epochs": 3.0,
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 8,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.03,
+    "logging_steps": 10,
+    "eval_strategy": "steps",
+    "eval_steps": 50,
+    "save_strategy": "steps",
+    "save_total_limit": 2,
+    "metric_for_best_model": "eval_loss",
+    "greater_is_better": False,
+    "enable_jit_checkpoint": True,
+    "report_to": "none",
+    "lora_dropout": 0.0,
+    "test_split_size": 0.1,
+    "ddp_find_unused_parameters": False,
+}
+LORA_LEARNING_RATE = 2e-4
+FULL_LEARNING_RATE = 5e-5
+SMOKE_SETTINGS: dict[str, Any] = {"max_steps": 4, "eval_steps": 2, "save_steps": 2, "logging_steps": 1}
+
+
+def _validate(values: dict[str, Any], where: str) -> None:
+    check_precision(values, where)
+    if values.get("learning_rate") is None:
+        values["learning_rate"] = LORA_LEARNING_RATE if values.get("use_peft") else FULL_LEARNING_RATE
+    if not values.get("model_name_or_path"):
+        raise ConfigError(f"{where}: model_name_or_path is required: a model dir (e.g. a pretrain output) or Hub id.")
+    name = values["model_name_or_path"]
+    if name.lower().endswith(".gguf"):
+        if not Path(name).expanduser().is_file():
+            raise ConfigError(f"{where}: model_name_or_path: '{name}': no such .gguf file.")
+    elif name not in _shipped_models():
+        check_model_path(name, "model_name_or_path", where)
+    if (values.get("load_in_4bit") or values.get("load_in_8bit")) and not torch.cuda.is_available():
+        raise ConfigError(
+            f"{where}: load_in_4bit / load_in_8bit (QLoRA) need a CUDA GPU for bitsandbytes and none was found. "
+            "Use use_peft: true alone (LoRA) on this machine."
+        )
+    if values.get("merge_adapter") and not values.get("use_peft"):
+        raise ConfigError(f"{where}: merge_adapter needs use_peft: true (a full fine-tune is already merged).")
+    check_template_name(values.get("chat_template"), where)
+    sources = [values.get("train_files"), values.get("dataset_name"), values.get("datasets")]
+    if sum(bool(source) for source in sources) != 1:
+        raise ConfigError(f"{where}: set exactly one of train_files, dataset_name or datasets (a mixture).")
+    for key in ("train_files", "validation_files"):
+        if values.get(key):
+            resolve_files(values[key], key, where)
+    if not 0.0 < values["test_split_size"] < 1.0:
+        raise ConfigError(f"{where}: test_split_size: must be between 0 and 1 (exclusive).")
+    _derive_run_settings(values, where)
+
+
+def _shipped_models() -> tuple[str, ...]:
+    from hfpipe.gguf import PACKAGED_MODELS
+
+    return tuple(PACKAGED_MODELS)
+
+
+def default_run_name(values: dict[str, Any]) -> str:
+    """Name an SFT run after its model and method, e.g. sft-pretrain-lora-r16."""
+    base = Path(str(values["model_name_or_path"]).rstrip("/")).name.removesuffix(".gguf")
+    method = f"lora-r{values['lora_r']}" if values.get("use_peft") else "full"
+    return f"sft-{base}-{method}"
+
+
+def _derive_run_settings(values: dict[str, Any], where: str) -> None:
+    if not values.get("run_name"):
+        values["run_name"] = Path(values["output_dir"]).name if values.get("output_dir") else default_run_name(values)
+    if values.get("smoke"):
+        values.update(SMOKE_SETTINGS)
+        values["output_dir"] = str(Path("outputs") / "smoke" / values["run_name"])
+        values["overwrite_output_dir"] = True
+    elif not values.get("output_dir"):
+        values["output_dir"] = str(Path("outputs") / values["run_name"])
+    if values.get("save_steps") is None or values.get("smoke"):
+        values["save_steps"] = values["eval_steps"] or 500
+    check_not_finished(Path(values["output_dir"]), values["overwrite_output_dir"], where)
+
+
+def parse_sft(argv: Sequence[str] | None = None) -> ParsedConfig:
+    """Parse and check an SFT config; derive output_dir, run_name and the learning rate. Loads nothing."""
+    defaults = {**SFT_DEFAULTS, "save_steps": None, "learning_rate": None, **device_defaults()}
+    parsed = parse(SFT_ARGUMENTS, argv, defaults=defaults, validate=_validate)
+    model_args, training_args = parsed.get(ModelConfig), parsed.get(SFTConfig)
+    if "include_num_input_tokens_seen" not in parsed.user_keys:
+        # Real (non-padding) tokens for tokens/s; set here because argparse would read the default as a bool.
+        training_args.include_num_input_tokens_seen = "non_padding"
+    # TRL turns a one-item list into a bare string, which PEFT reads as a full-match regex that matches nothing.
+    if isinstance(model_args.lora_target_modules, str) and model_args.lora_target_modules != "all-linear":
+        model_args.lora_target_modules = [model_args.lora_target_modules]
+    return parsed
+
+
+def resolved_settings(parsed: ParsedConfig) -> dict[str, Any]:
+    """What the user wrote plus what hfpipe derived."""
+    training_args = parsed.get(SFTConfig)
+    return {
+        **parsed.user_keys,
+        "output_dir": training_args.output_dir,
+        "run_name": training_args.run_name,
+        "bf16": training_args.bf16,
+        "learning_rate": training_args.learning_rate,
+    }
+
+
+def load_tokenizer(parsed: ParsedConfig) -> tuple[PreTrainedTokenizerBase, str, str]:
+    """Load the tokenizer with the chat template choice applied; return it, the choice and the model path
+    (a .gguf file or package-shipped model is converted once to a model dir)."""
+    from hfpipe.gguf import resolve_model_path
+
+    model_args, training_args = parsed.get(ModelConfig), parsed.get(SFTConfig)
+    name = resolve_model_path(model_args.model_name_or_path, cache_root())
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+        )
+    except OSError as error:
+        raise ConfigError(f"model_name_or_path: no tokenizer in '{name}': {str(error).splitlines()[0]}") from None
+    choice = apply_chat_template_choice(parsed.get(SFTDataArguments).chat_template, tokenizer)
+    return tokenizer, choice, name
+
+
+def load_model(parsed: ParsedConfig, name: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """Load the model to fine-tune, sized and configured for `tokenizer` (added tokens, EOS, pad)."""
+    model_args, training_args = parsed.get(ModelConfig), parsed.get(SFTConfig)
+    model = load_causal_lm(
+        name,
+        model_args.model_revision,
+        model_args.dtype,
+        model_args.attn_implementation or "sdpa",
+        training_args.trust_remote_code,
+    )
+    fit_model_to_tokenizer(model, tokenizer)
+    return model
+
+
+def lora_config(parsed: ParsedConfig, model: PreTrainedModel) -> LoraConfig | None:
+    """TRL's LoRA config from the ModelConfig keys, adjusted for GPT-2's Conv1D layers."""
+    peft_config = get_peft_config(parsed.get(ModelConfig))
+    if peft_config is not None and model.config.model_type == "gpt2":
+        peft_config.fan_in_fan_out = True  # GPT-2 stores Conv1D weights transposed
+    return peft_config
+
+
+def load_sft_splits(parsed: ParsedConfig, tokenizer: PreTrainedTokenizerBase, smoke: bool) -> tuple[DatasetDict, str]:
+    """Load, validate, convert and mix the training rows; split off validation rows when none are given.
+
+    Returns the splits and a printable table of rows and tokens per source.
+    """
+    data_args = parsed.get(SFTDataArguments)
+    mixture = parsed.get(DatasetMixtureConfig)
+    where = str(parsed.path)
+    chat = tokenizer.chat_template is not None
+    if data_args.train_files:
+        sources = [Source(path, load_source(path, where)) for path in data_args.train_files]
+    elif data_args.dataset_name:
+        sources = [
+            Source(
+                data_args.dataset_name,
+                load_source(
+                    data_args.dataset_name, where, name=data_args.dataset_config, split=data_args.dataset_train_split
+                ),
+            )
+        ]
+    else:
+        sources = [
+            Source(
+                config.path,
+                load_source(
+                    config.path,
+                    where,
+                    name=config.name,
+                    data_dir=config.data_dir,
+                    data_files=config.data_files,
+                    split=config.split,
+                ),
+                config.fraction,
+            )
+            for config in mixture.datasets
+        ]
+    prepared = [prepare_source(source, chat, data_args.system_prompt, data_args.skip_bad_rows) for source in sources]
+    for source, (_, _, skipped) in zip(sources, prepared, strict=True):
+        if skipped:
+            print(f"warning: {source.name}: skipped {skipped} rows that cannot be trained on (skip_bad_rows: true)")
+    parts = mix([dataset for dataset, _, _ in prepared], [source.fraction for source in sources])
+    table = source_table(sources, [fmt for _, fmt, _ in prepared], parts, tokenizer)
+    train = concatenate(parts)
+    if data_args.validation_files:
+        validation_sources = [Source(path, load_source(path, where)) for path in data_args.validation_files]
+        validation = concatenate(
+            [prepare_source(s, chat, data_args.system_prompt, data_args.skip_bad_rows)[0] for s in validation_sources]
+        )
+        splits = DatasetDict({"train": train, "validation": validation})
+    elif data_args.dataset_name and data_args.dataset_test_split:
+        source = Source(
+            data_args.dataset_name,
+            load_source(
+                data_args.dataset_name, where, name=data_args.dataset_config, split=data_args.dataset_test_split
+            ),
+        )
+        splits = DatasetDict(
+            {
+                "train": train,
+                "validation": prepare_source(source, chat, data_args.system_prompt, data_args.skip_bad_rows)[0],
+            }
+        )
+    else:
+        split = train.train_test_split(test_size=mixture.test_split_size, seed=parsed.get(SFTConfig).seed)
+        splits = DatasetDict({"train": split["train"], "validation": split["test"]})
+    if smoke:
+        splits = DatasetDict({name: split.select(range(min(len(split), 32))) for name, split in splits.items()})
+    return splits, table
+
+
+def source_table(
+    sources: list[Source], formats: list[str], parts: list[Dataset], tokenizer: PreTrainedTokenizerBase
+) -> str:
+    """Rows, tokens and share per source of the training mixture."""
+    token_counts = [sum(total for _, total in rendered_lengths(part, tokenizer)) for part in parts]
+    all_rows = sum(len(part) for part in parts) or 1
+    lines = [f"{'source':<48} {'format':<18} {'rows':>7} {'share':>6} {'tokens':>9}"]
+    for source, fmt, part, tokens in zip(sources, formats, parts, token_counts, strict=True):
+        lines.append(f"{source.name[-48:]:<48} {fmt:<18} {len(part):>7} {len(part) / all_rows:>6.1%} {tokens:>9,}")
+    return "\n".join(lines)
+
+
+def length_report(
+    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, skip_bad_rows: bool, source: str
+) -> tuple[Dataset, dict[str, float]]:
+    """Check rows against max_length: a row whose prompt leaves no room for the response is an error (or skipped);
+    report the share of rows and tokens that truncation cuts."""
+    lengths = rendered_lengths(dataset, tokenizer)
+    hopeless = [index for index, (prompt, _) in enumerate(lengths) if prompt >= max_length]
+    if hopeless and not skip_bad_rows:
+        index = hopeless[0]
+        raise DataError(
+            f"{source}: row {index + 1}: the prompt alone is {lengths[index][0]} tokens, max_length is {max_length}, "
+            "so nothing of the response would be trained on. Raise max_length, shorten the row, "
+            "or set skip_bad_rows: true."
+        )
+    if hopeless:
+        print(f"warning: {source}: skipped {len(hopeless)} rows whose prompt fills max_length={max_length}")
+        keep = sorted(set(range(len(dataset))) - set(hopeless))
+        dataset = dataset.select(keep)
+        lengths = [lengths[index] for index in keep]
+    total = sum(full for _, full in lengths) or 1
+    cut = [max(0, full - max_length) for _, full in lengths]
+    report = {
+        "rows_truncated_fraction": sum(1 for c in cut if c) / max(1, len(lengths)),
+        "tokens_truncated_fraction": sum(cut) / total,
+        "train_tokens": total,
+    }
+    return dataset, report
+
+
+def assistant_loss_mode(tokenizer: PreTrainedTokenizerBase, splits: DatasetDict) -> str:
+    """How the loss is restricted: 'completion' (prompt-completion rows), 'assistant' (conversations with a
+    template that marks assistant tokens), or 'all' (plain text)."""
+    columns = splits["train"].column_names
+    if "messages" in columns:
+        if not has_generation_markers(tokenizer):
+            raise DataError(
+                "conversation rows: the chat template does not mark assistant tokens ({% generation %}), so the loss "
+                "cannot be limited to the assistant's replies. Set chat_template: chatml."
+            )
+        return "assistant"
+    return "completion" if "prompt" in columns else "all"
+
+
+def sample_prompts(validation: Dataset, tokenizer: PreTrainedTokenizerBase, count: int = 2) -> list[str]:
+    """Prompts of the first held-out rows, rendered as the model sees them at generation time."""
+    prompts = []
+    for row in validation.select(range(min(count, len(validation)))):
+        if row.get("messages") is not None:
+            prompts.append(
+                tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, tokenize=False)
+            )
+        elif isinstance(row.get("prompt"), list):
+            prompts.append(tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False))
+        elif row.get("prompt") is not None:
+            prompts.append(row["prompt"])
+        else:
+            prompts.append(row["text"][:40])
+    return prompts
+
+
+def save_merged(trainer: Any, tokenizer: PreTrainedTokenizerBase, destination: Path) -> Path:
+    """Merge the saved adapter into a freshly loaded, unquantized base and save the full model.
+
+    Reloading the base (rather than merging the training model in place) also serves QLoRA, whose training
+    base is quantized.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter_dir = Path(trainer.args.output_dir)
+    base_name = trainer.model.peft_config["default"].base_model_name_or_path
+    base = AutoModelForCausalLM.from_pretrained(base_name, dtype=torch.float32, use_safetensors=True)
+    if len(tokenizer) != base.get_input_embeddings().weight.shape[0]:
+        base.resize_token_embeddings(len(tokenizer))
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.generation_config = trainer.model.generation_config
+    merged.save_pretrained(destination)
+    tokenizer.save_pretrained(destination)
+    return destination

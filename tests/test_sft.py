@@ -1,0 +1,226 @@
+"""The SFT recipe: loss masks token by token, full and LoRA runs, merge, template check, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_recipe
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hfpipe.chat_templates import check_saved_model
+
+ROWS = [
+    {"instruction": f"Who is king number {i}?", "input": "", "output": f"The king number {i} is Lear."}
+    for i in range(24)
+]
+
+
+@pytest.fixture(scope="module")
+def sft_main():
+    return load_recipe("sft").main
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture
+def sft_config(tmp_path: Path, tiny_gpt2_dir: Path):
+    """Factory: an SFT config for the tiny GPT-2 on 24 instruction rows, 2 steps."""
+
+    def make(rows: list[dict] = ROWS, extra: str = "") -> Path:
+        data = write_rows(tmp_path / "train.jsonl", rows)
+        config = tmp_path / "sft.yaml"
+        config.write_text(
+            f"""# accelerate launch recipes/sft.py --config {config}
+model_name_or_path: {tiny_gpt2_dir}
+train_files: [{data}]
+output_dir: {tmp_path}/run
+max_length: 64
+per_device_train_batch_size: 4
+max_steps: 2
+eval_steps: 2
+logging_steps: 1
+learning_rate: 1.0e-2
+sample_max_new_tokens: 4
+{extra}"""
+        )
+        return config
+
+    return make
+
+
+def first_batch(trainer) -> dict[str, torch.Tensor]:
+    return next(iter(trainer.get_train_dataloader()))
+
+
+def test_instruction_loss_covers_the_response_and_eos_only(tiny_gpt2_dir: Path) -> None:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from hfpipe.sft_data import convert_row
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    row = convert_row(ROWS[3], "instruction", chat=False, system_prompt=None)
+    args = SFTConfig(
+        output_dir="/tmp/unused",
+        use_cpu=True,
+        bf16=False,
+        max_length=256,
+        report_to="none",
+        per_device_train_batch_size=1,
+        activation_checkpointing=False,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([row]), processing_class=tokenizer)
+    batch = first_batch(trainer)
+    prompt_ids = tokenizer(row["prompt"])["input_ids"]
+    completion_ids = tokenizer(row["prompt"] + row["completion"])["input_ids"][len(prompt_ids) :] + [
+        tokenizer.eos_token_id
+    ]
+    labels = batch["labels"][0].tolist()
+    assert batch["input_ids"][0].tolist() == prompt_ids + completion_ids
+    assert labels == [-100] * len(prompt_ids) + completion_ids  # token by token: prompt masked, response + EOS kept
+
+
+def test_chatml_conversations_train_on_assistant_tokens_only(tiny_gpt2_dir: Path) -> None:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from hfpipe.chat_templates import apply_chat_template_choice, fit_model_to_tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    choice = apply_chat_template_choice("chatml", tokenizer)
+    fit_model_to_tokenizer(model, tokenizer)
+    assert "added tokens" in choice and tokenizer.eos_token == "<|im_end|>"
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    messages = [
+        {"role": "user", "content": "the king"},
+        {"role": "assistant", "content": "speaks"},
+        {"role": "user", "content": "the queen"},
+        {"role": "assistant", "content": "hears"},
+    ]
+    args = SFTConfig(
+        output_dir="/tmp/unused",
+        use_cpu=True,
+        bf16=False,
+        max_length=128,
+        report_to="none",
+        per_device_train_batch_size=1,
+        activation_checkpointing=False,
+        assistant_only_loss=True,
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list([{"messages": messages}]), processing_class=tokenizer
+    )
+    batch = first_batch(trainer)
+    kept = [
+        token
+        for token, label in zip(batch["input_ids"][0].tolist(), batch["labels"][0].tolist(), strict=True)
+        if label != -100
+    ]
+    assert tokenizer.decode(kept) == "speaks<|im_end|>hears<|im_end|>"
+
+
+def test_full_fine_tune_runs_and_changes_weights(sft_config, sft_main, tiny_gpt2_dir: Path) -> None:
+    config = sft_config()
+    metrics = sft_main(["--config", str(config)])
+    run = config.parent / "run"
+    before, after = load_file(tiny_gpt2_dir / "model.safetensors"), load_file(run / "model.safetensors")
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    assert metrics["template_check"] == "ok" and metrics["loss_on"] == "completion"
+    assert metrics["global_step"] == 2 and "eval_loss" in metrics
+    assert (run / "config.yaml").read_text().startswith("# accelerate launch recipes/sft.py")
+    assert AutoTokenizer.from_pretrained(run).eos_token == AutoTokenizer.from_pretrained(tiny_gpt2_dir).eos_token
+
+
+def test_lora_with_one_target_changes_only_the_adapter_and_merges(sft_config, sft_main, tiny_gpt2_dir: Path) -> None:
+    config = sft_config(
+        extra="use_peft: true\nlora_r: 4\nlora_alpha: 8\nlora_target_modules: [c_attn]\nmerge_adapter: true\n"
+    )
+    metrics = sft_main(["--config", str(config)])
+    run = config.parent / "run"
+    adapter = load_file(run / "adapter_model.safetensors")
+    assert adapter and all("lora_" in name and "c_attn" in name for name in adapter)  # one name, not a dead regex
+    assert len(adapter) == 2 * 2  # lora_A and lora_B in each of the 2 layers
+    assert metrics["trainable_parameters"] == sum(t.numel() for t in adapter.values())
+    assert not (run / "model.safetensors").exists()
+
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    original = load_file(tiny_gpt2_dir / "model.safetensors")
+    with_adapter = PeftModel.from_pretrained(base, run)
+    for name, tensor in with_adapter.base_model.model.state_dict().items():
+        clean = name.replace("base_layer.", "")
+        if clean in original:
+            assert torch.equal(tensor, original[clean]), f"base weight {name} changed"
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged")
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, with_adapter(ids).logits, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(
+        merged.state_dict()["transformer.h.0.attn.c_attn.weight"], original["transformer.h.0.attn.c_attn.weight"]
+    )
+
+
+def test_template_check_catches_a_broken_saved_tokenizer(sft_config, sft_main) -> None:
+    config = sft_config()
+    sft_main(["--config", str(config)])
+    run = config.parent / "run"
+    row = {
+        "prompt": "### Instruction:\nWho is king number 1?\n\n### Response:\n",
+        "completion": "The king number 1 is Lear.",
+    }
+    tokenizer = AutoTokenizer.from_pretrained(run)
+    trained = tokenizer(row["prompt"] + row["completion"])["input_ids"] + [tokenizer.eos_token_id]
+    assert check_saved_model(run, row, trained) == []
+    generation = json.loads((run / "generation_config.json").read_text())
+    generation["eos_token_id"] = 12345
+    (run / "generation_config.json").write_text(json.dumps(generation))
+    tokenizer.eos_token = "king"  # a different EOS: training rows no longer render the same
+    tokenizer.save_pretrained(run)
+    problems = check_saved_model(run, row, trained)
+    assert any("renders the first training row differently" in p for p in problems)
+    assert any("does not stop at the tokenizer's EOS" in p for p in problems)
+
+
+@pytest.mark.parametrize(
+    ("extra", "rows", "expected"),
+    [
+        ("load_in_4bit: true\nuse_peft: true\n", ROWS, "load_in_4bit / load_in_8bit (QLoRA) need a CUDA GPU"),
+        ("merge_adapter: true\n", ROWS, "merge_adapter needs use_peft: true"),
+        ("chat_template: vicuna\n", ROWS, "chat_template: 'vicuna' is neither a built-in template (chatml)"),
+        ("", [*ROWS[:3], {"instruction": "Who?", "output": ""}], "train.jsonl: row 4: 'output' is empty"),
+        (
+            "",
+            [{"question": "Who?", "answer": "Lear"}],
+            "cannot tell the row format from its columns (answer, question)",
+        ),
+        ("max_length: 8\n", ROWS, "row 1: the prompt alone is"),
+        ("learnin_rate: 1.0\n", ROWS, "Did you mean 'learning_rate'?"),
+        (
+            "max_seq_length: 64\n",
+            ROWS,
+            "'max_seq_length' was renamed in recent transformers/TRL releases: use 'max_length'",
+        ),
+    ],
+)
+def test_bad_sft_input_is_one_clear_line(sft_config, sft_main, capsys, extra: str, rows: list, expected: str) -> None:
+    config = sft_config(rows=rows, extra=extra)
+    if "max_length: 8" in extra or "max_seq_length" in extra:
+        config.write_text(config.read_text().replace("max_length: 64\n", ""))
+    with pytest.raises(SystemExit) as exit_info:
+        sft_main(["--config", str(config)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    # Loading data may draw progress bars first; the error itself is the last line.
+    assert "Traceback" not in err and expected in err.splitlines()[-1], err
+    assert err.splitlines()[-1].startswith("error: ")
+    assert not (config.parent / "run" / "metrics.json").exists()
