@@ -224,3 +224,16 @@ def test_bad_sft_input_is_one_clear_line(sft_config, sft_main, capsys, extra: st
     assert "Traceback" not in err and expected in err.splitlines()[-1], err
     assert err.splitlines()[-1].startswith("error: ")
     assert not (config.parent / "run" / "metrics.json").exists()
+
+
+def test_check_show_samples_marks_the_trained_span(sft_config, capsys) -> None:
+    from hfpipe.cli import main as hfpipe_main
+
+    config = sft_config()
+    hfpipe_main(["check", str(config), "--show-samples", "2", "--max_length", "256"])
+    out = capsys.readouterr().out
+    assert "valid for recipes/sft.py" in out and "loss on: completion tokens" in out
+    assert "--- sample 1:" in out and "--- sample 2:" in out and "--- sample 3:" not in out
+    assert "### Response:\n\u27e6The king number" in out and "Lear.<|endoftext|>\u27e7" in out
+    assert "ends with EOS '<|endoftext|>': True" in out
+    assert not (config.parent / "run").exists()

@@ -32,7 +32,7 @@ RECIPES: dict[str, Callable[[], tuple[Callable[..., ParsedConfig], Callable[[Par
 }
 
 
-def check(config: Path, recipe: str | None, overrides: Sequence[str]) -> None:
+def check(config: Path, recipe: str | None, overrides: Sequence[str], show_samples: int = 0) -> None:
     """Validate a config as its recipe would and print the resolved settings; train nothing."""
     from hfpipe.run import is_finished, last_complete_checkpoint
 
@@ -58,6 +58,29 @@ def check(config: Path, recipe: str | None, overrides: Sequence[str]) -> None:
         checkpoint = last_complete_checkpoint(output_dir) if output_dir.is_dir() else None
         state = f"will resume from {checkpoint}" if checkpoint else "new run"
     print(f"# output_dir: {state}")
+    if show_samples:
+        if recipe != "sft":
+            raise ConfigError(f"--show-samples applies to recipes/sft.py configs, not recipes/{recipe}.py.")
+        print(sft_preview(parsed, show_samples))
+
+
+def sft_preview(parsed: ParsedConfig, count: int) -> str:
+    """Load the tokenizer and rows of an SFT config (no model) and render `count` training samples."""
+    from trl import SFTConfig
+
+    from hfpipe.finetuning import assistant_loss_mode, length_report, load_sft_splits, load_tokenizer
+    from hfpipe.preview import show_samples
+
+    tokenizer, choice, _ = load_tokenizer(parsed)
+    splits, table = load_sft_splits(parsed, tokenizer, smoke=False)
+    max_length = parsed.get(SFTConfig).max_length
+    train, lengths = length_report(splits["train"], tokenizer, max_length, True, "training rows")
+    mode = assistant_loss_mode(tokenizer, splits)
+    summary = (
+        f"chat template: {choice} | loss on: {mode} tokens | truncated: {lengths['rows_truncated_fraction']:.1%} "
+        f"of rows, {lengths['tokens_truncated_fraction']:.1%} of tokens"
+    )
+    return "\n".join([table, summary, show_samples(train, tokenizer, mode, count, max_length)])
 
 
 def prepare_data(name: str, destination: Path) -> None:
@@ -76,12 +99,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     check_parser = commands.add_parser("check", help="validate a config and print its resolved settings")
     check_parser.add_argument("config", type=Path)
     check_parser.add_argument("--recipe", help="recipe name when the config's first line does not say")
+    check_parser.add_argument(
+        "--show-samples", type=int, default=0, metavar="N", help="SFT: render N training rows, trained spans marked"
+    )
     data_parser = commands.add_parser("data", help="prepare a shipped dataset under data/")
     data_parser.add_argument("name", choices=["shakespeare"])
     data_parser.add_argument("--dest", type=Path, default=Path("data/shakespeare"))
     args, rest = parser.parse_known_args(argv)
     if args.command == "check":
-        check(args.config, args.recipe, rest)
+        check(args.config, args.recipe, rest, args.show_samples)
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     else:
