@@ -15,7 +15,7 @@ from pathlib import Path
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
-from hfpipe.args import RunArguments, SFTDataArguments, use_cpu_cores
+from hfpipe.args import RunArguments, SFTArguments, use_cpu_cores
 from hfpipe.callbacks import LogExtrasCallback, SampleCallback
 from hfpipe.chat_templates import check_saved_model
 from hfpipe.errors import exit_on_user_error
@@ -32,6 +32,7 @@ from hfpipe.finetuning import (
     save_merged,
 )
 from hfpipe.run import prepare_output_dir, save_and_evaluate, save_resolved_config, train, write_records
+from hfpipe.trainers import ModelLossSFTTrainer
 
 
 @exit_on_user_error
@@ -39,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Run the recipe; return the final metrics (empty on non-main processes)."""
     parsed = parse_sft(argv)
     training_args, run_args = parsed.get(SFTConfig), parsed.get(RunArguments)
-    data_args = parsed.get(SFTDataArguments)
+    data_args = parsed.get(SFTArguments)
     output_dir = Path(training_args.output_dir)
     threads = use_cpu_cores(training_args.use_cpu)
     with training_args.main_process_first(desc="preparing the output dir, model and data"):
@@ -64,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     prompts = run_args.sample_prompts or sample_prompts(splits["validation"], tokenizer)
     log_extras = LogExtrasCallback(tokens_per_step=None)
-    trainer = SFTTrainer(
+    trainer_class = ModelLossSFTTrainer if data_args.use_model_loss else SFTTrainer
+    trainer = trainer_class(
         model=model,
         args=training_args,
         train_dataset=splits["train"],

@@ -13,7 +13,7 @@ from peft import LoraConfig
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from trl import DatasetMixtureConfig, ModelConfig, SFTConfig, get_peft_config
 
-from hfpipe.args import RunArguments, SFTDataArguments, check_precision, device_defaults
+from hfpipe.args import RunArguments, SFTArguments, check_precision, device_defaults
 from hfpipe.chat_templates import (
     apply_chat_template_choice,
     check_template_name,
@@ -27,7 +27,7 @@ from hfpipe.modeling import check_model_path, load_causal_lm
 from hfpipe.run import check_not_finished
 from hfpipe.sft_data import Source, concatenate, load_source, mix, prepare_source, rendered_lengths
 
-SFT_ARGUMENTS = (SFTConfig, ModelConfig, SFTDataArguments, DatasetMixtureConfig, RunArguments)
+SFT_ARGUMENTS = (SFTConfig, ModelConfig, SFTArguments, DatasetMixtureConfig, RunArguments)
 
 # SFT defaults that differ from TRL's: a precision that runs on this device, no gradient checkpointing
 # (it trades speed for memory that small models do not need), frequent evaluation with the best checkpoint
@@ -53,6 +53,8 @@ SFT_DEFAULTS: dict[str, Any] = {
     "report_to": "none",
     "lora_dropout": 0.0,
     "test_split_size": 0.1,
+    # Batches of similar lengths: little padding and no cross-sample attention, fast on CPU with sdpa.
+    "train_sampling_strategy": "group_by_length",
     "ddp_find_unused_parameters": False,
 }
 LORA_LEARNING_RATE = 2e-4
@@ -80,6 +82,8 @@ def _validate(values: dict[str, Any], where: str) -> None:
     if values.get("merge_adapter") and not values.get("use_peft"):
         raise ConfigError(f"{where}: merge_adapter needs use_peft: true (a full fine-tune is already merged).")
     check_template_name(values.get("chat_template"), where)
+    if values.get("use_model_loss") is None:
+        values["use_model_loss"] = not torch.cuda.is_available()
     sources = [values.get("train_files"), values.get("dataset_name"), values.get("datasets")]
     if sum(bool(source) for source in sources) != 1:
         raise ConfigError(f"{where}: set exactly one of train_files, dataset_name or datasets (a mixture).")
@@ -157,7 +161,7 @@ def load_tokenizer(parsed: ParsedConfig) -> tuple[PreTrainedTokenizerBase, str, 
         )
     except OSError as error:
         raise ConfigError(f"model_name_or_path: no tokenizer in '{name}': {str(error).splitlines()[0]}") from None
-    choice = apply_chat_template_choice(parsed.get(SFTDataArguments).chat_template, tokenizer)
+    choice = apply_chat_template_choice(parsed.get(SFTArguments).chat_template, tokenizer)
     return tokenizer, choice, name
 
 
@@ -188,7 +192,7 @@ def load_sft_splits(parsed: ParsedConfig, tokenizer: PreTrainedTokenizerBase, sm
 
     Returns the splits and a printable table of rows and tokens per source.
     """
-    data_args = parsed.get(SFTDataArguments)
+    data_args = parsed.get(SFTArguments)
     mixture = parsed.get(DatasetMixtureConfig)
     where = str(parsed.path)
     chat = tokenizer.chat_template is not None
