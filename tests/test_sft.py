@@ -204,6 +204,7 @@ def test_template_check_catches_a_broken_saved_tokenizer(sft_config, sft_main) -
             "cannot tell the row format from its columns (answer, question)",
         ),
         ("max_length: 8\n", ROWS, "row 1: the prompt alone is"),
+        ("max_length: 512\n", ROWS, "max_length=512 exceeds the 64 positions of"),
         ("learnin_rate: 1.0\n", ROWS, "Did you mean 'learning_rate'?"),
         (
             "max_seq_length: 64\n",
@@ -214,7 +215,7 @@ def test_template_check_catches_a_broken_saved_tokenizer(sft_config, sft_main) -
 )
 def test_bad_sft_input_is_one_clear_line(sft_config, sft_main, capsys, extra: str, rows: list, expected: str) -> None:
     config = sft_config(rows=rows, extra=extra)
-    if "max_length: 8" in extra or "max_seq_length" in extra:
+    if "max_length: " in extra or "max_seq_length" in extra:
         config.write_text(config.read_text().replace("max_length: 64\n", ""))
     with pytest.raises(SystemExit) as exit_info:
         sft_main(["--config", str(config)])
@@ -237,3 +238,32 @@ def test_check_show_samples_marks_the_trained_span(sft_config, capsys) -> None:
     assert "### Response:\n\u27e6The king number" in out and "Lear.<|endoftext|>\u27e7" in out
     assert "ends with EOS '<|endoftext|>': True" in out
     assert not (config.parent / "run").exists()
+
+
+def test_model_loss_trainer_gives_trls_loss(tiny_gpt2_dir: Path) -> None:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from hfpipe.sft_data import convert_row
+    from hfpipe.trainers import ModelLossSFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    rows = Dataset.from_list([convert_row(row, "instruction", False, None) for row in ROWS[:4]])
+    args = SFTConfig(
+        output_dir="/tmp/unused",
+        use_cpu=True,
+        bf16=False,
+        max_length=64,
+        report_to="none",
+        per_device_train_batch_size=4,
+        activation_checkpointing=False,
+    )
+    losses = []
+    for trainer_class in (SFTTrainer, ModelLossSFTTrainer):
+        model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+        trainer = trainer_class(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert (batch["labels"] == -100).sum() > (batch["attention_mask"] == 0).sum()  # prompts are masked too
+        model.train()
+        losses.append(trainer.compute_loss(model, batch))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)

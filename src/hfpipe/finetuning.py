@@ -176,6 +176,12 @@ def load_model(parsed: ParsedConfig, name: str, tokenizer: PreTrainedTokenizerBa
         training_args.trust_remote_code,
     )
     fit_model_to_tokenizer(model, tokenizer)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and training_args.max_length and training_args.max_length > positions:
+        raise ConfigError(
+            f"max_length={training_args.max_length} exceeds the {positions} positions of "
+            f"'{model_args.model_name_or_path}'; set max_length: {positions} or less."
+        )
     return model
 
 
