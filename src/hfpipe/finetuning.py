@@ -24,7 +24,7 @@ from hfpipe.config import ParsedConfig, parse
 from hfpipe.data import cache_root, resolve_files
 from hfpipe.errors import ConfigError, DataError
 from hfpipe.modeling import check_model_path, load_causal_lm
-from hfpipe.run import check_not_finished
+from hfpipe.run import derive_run_settings
 from hfpipe.sft_data import Source, concatenate, load_source, mix, prepare_source, rendered_lengths
 
 SFT_ARGUMENTS = (SFTConfig, ModelConfig, SFTArguments, DatasetMixtureConfig, RunArguments)
@@ -59,7 +59,6 @@ SFT_DEFAULTS: dict[str, Any] = {
 }
 LORA_LEARNING_RATE = 2e-4
 FULL_LEARNING_RATE = 5e-5
-SMOKE_SETTINGS: dict[str, Any] = {"max_steps": 4, "eval_steps": 2, "save_steps": 2, "logging_steps": 1}
 
 
 def _validate(values: dict[str, Any], where: str) -> None:
@@ -92,7 +91,7 @@ def _validate(values: dict[str, Any], where: str) -> None:
             resolve_files(values[key], key, where)
     if not 0.0 < values["test_split_size"] < 1.0:
         raise ConfigError(f"{where}: test_split_size: must be between 0 and 1 (exclusive).")
-    _derive_run_settings(values, where)
+    derive_run_settings(values, default_run_name(values), where)
 
 
 def _shipped_models() -> tuple[str, ...]:
@@ -106,20 +105,6 @@ def default_run_name(values: dict[str, Any]) -> str:
     base = Path(str(values["model_name_or_path"]).rstrip("/")).name.removesuffix(".gguf")
     method = f"lora-r{values['lora_r']}" if values.get("use_peft") else "full"
     return f"sft-{base}-{method}"
-
-
-def _derive_run_settings(values: dict[str, Any], where: str) -> None:
-    if not values.get("run_name"):
-        values["run_name"] = Path(values["output_dir"]).name if values.get("output_dir") else default_run_name(values)
-    if values.get("smoke"):
-        values.update(SMOKE_SETTINGS)
-        values["output_dir"] = str(Path("outputs") / "smoke" / values["run_name"])
-        values["overwrite_output_dir"] = True
-    elif not values.get("output_dir"):
-        values["output_dir"] = str(Path("outputs") / values["run_name"])
-    if values.get("save_steps") is None or values.get("smoke"):
-        values["save_steps"] = values["eval_steps"] or 500
-    check_not_finished(Path(values["output_dir"]), values["overwrite_output_dir"], where)
 
 
 def parse_sft(argv: Sequence[str] | None = None) -> ParsedConfig:

@@ -33,7 +33,7 @@ from hfpipe.data import (
 )
 from hfpipe.errors import ConfigError
 from hfpipe.modeling import SHAPE_KEYS, build_gpt2, check_model_path, check_shape, load_causal_lm, resolve_shape
-from hfpipe.run import check_not_finished
+from hfpipe.run import derive_run_settings
 from hfpipe.tokenizer import MIN_BPE_VOCAB, train_bpe, train_char
 
 PRETRAIN_ARGUMENTS = (
@@ -68,8 +68,6 @@ PRETRAIN_DEFAULTS: dict[str, Any] = {
     "report_to": "none",
     "ddp_find_unused_parameters": False,  # every weight of a causal LM gets a gradient
 }
-# --smoke: a few steps that still evaluate, checkpoint and log every step.
-SMOKE_SETTINGS: dict[str, Any] = {"max_steps": 4, "eval_steps": 2, "save_steps": 2, "logging_steps": 1}
 UNSUPPORTED_MODEL_KEYS = ("use_peft", "load_in_4bit", "load_in_8bit")
 
 
@@ -101,7 +99,7 @@ def _validate(values: dict[str, Any], where: str) -> None:
         raise ConfigError(f"{where}: sample_max_new_tokens: must be greater than 0.")
     _validate_model(values, where)
     _validate_data(values, where)
-    _derive_run_settings(values, where)
+    derive_run_settings(values, default_run_name(values), where)
 
 
 def _validate_model(values: dict[str, Any], where: str) -> None:
@@ -131,21 +129,6 @@ def _validate_data(values: dict[str, Any], where: str) -> None:
     for key in ("train_files", "validation_files"):
         if values.get(key):
             resolve_files(values[key], key, where)
-
-
-def _derive_run_settings(values: dict[str, Any], where: str) -> None:
-    if not values.get("run_name"):
-        values["run_name"] = Path(values["output_dir"]).name if values.get("output_dir") else default_run_name(values)
-    if values.get("smoke"):
-        values.update(SMOKE_SETTINGS)
-        values["output_dir"] = str(Path("outputs") / "smoke" / values["run_name"])
-        values["overwrite_output_dir"] = True
-    elif not values.get("output_dir"):
-        values["output_dir"] = str(Path("outputs") / values["run_name"])
-    if values.get("save_steps") is None or values.get("smoke"):
-        # Checkpoints at evaluation steps, so that the best checkpoint by validation loss exists on disk.
-        values["save_steps"] = values["eval_steps"] or 500
-    check_not_finished(Path(values["output_dir"]), values["overwrite_output_dir"], where)
 
 
 def parse_pretrain(argv: Sequence[str] | None = None) -> ParsedConfig:

@@ -40,6 +40,29 @@ def check_not_finished(output_dir: Path, overwrite: bool, where: str) -> None:
         )
 
 
+# --smoke: a few steps that still evaluate, checkpoint and log every step, into outputs/smoke/.
+SMOKE_SETTINGS: dict[str, Any] = {"max_steps": 4, "eval_steps": 2, "save_steps": 2, "logging_steps": 1}
+
+
+def derive_run_settings(values: dict[str, Any], default_run_name: str, where: str) -> None:
+    """Fill in run_name, output_dir and save_steps (smoke runs included); refuse a finished output_dir.
+
+    Works on the merged config values before the dataclasses are built.
+    """
+    if not values.get("run_name"):
+        values["run_name"] = Path(values["output_dir"]).name if values.get("output_dir") else default_run_name
+    if values.get("smoke"):
+        values.update(SMOKE_SETTINGS)
+        values["output_dir"] = str(Path("outputs") / "smoke" / values["run_name"])
+        values["overwrite_output_dir"] = True
+    elif not values.get("output_dir"):
+        values["output_dir"] = str(Path("outputs") / values["run_name"])
+    if values.get("save_steps") is None or values.get("smoke"):
+        # Checkpoints at evaluation steps, so that the best checkpoint by validation loss exists on disk.
+        values["save_steps"] = values["eval_steps"] or 500
+    check_not_finished(Path(values["output_dir"]), values["overwrite_output_dir"], where)
+
+
 def _checkpoint_is_complete(checkpoint: Path) -> bool:
     # The Trainer writes trainer_state.json after weights, optimizer and RNG states.
     if (checkpoint / INCOMPLETE_MARKER).exists():
