@@ -63,6 +63,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"{lengths['tokens_truncated_fraction']:.1%} of tokens | "
         f"{f'CPU, {threads} threads' if training_args.use_cpu else 'accelerator'}"
     )
+    if training_args.packing and training_args.use_cpu:
+        print(
+            "warning: packing on CPU: TRL keeps packed rows apart through position ids, which sdpa on CPU turns into "
+            "a mask over the whole flattened batch (several times slower than length-grouped batches)."
+        )
     prompts = run_args.sample_prompts or sample_prompts(splits["validation"], tokenizer)
     log_extras = LogExtrasCallback(tokens_per_step=None)
     trainer_class = ModelLossSFTTrainer if data_args.use_model_loss else SFTTrainer

@@ -267,3 +267,11 @@ def test_model_loss_trainer_gives_trls_loss(tiny_gpt2_dir: Path) -> None:
         model.train()
         losses.append(trainer.compute_loss(model, batch))
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+
+
+def test_dora_adapter_trains_magnitudes_too(sft_config, sft_main) -> None:
+    config = sft_config(extra="use_peft: true\nuse_dora: true\nlora_r: 4\nlora_target_modules: all-linear\n")
+    metrics = sft_main(["--config", str(config)])
+    adapter = load_file(config.parent / "run" / "adapter_model.safetensors")
+    assert any("lora_magnitude_vector" in name for name in adapter)
+    assert metrics["trainable_parameters"] == sum(t.numel() for t in adapter.values())
