@@ -17,19 +17,19 @@ from trl import SFTConfig, SFTTrainer
 
 from hfpipe.args import RunArguments, SFTArguments, use_cpu_cores
 from hfpipe.callbacks import LogExtrasCallback, SampleCallback
-from hfpipe.chat_templates import check_saved_model
 from hfpipe.errors import exit_on_user_error
 from hfpipe.finetuning import (
     assistant_loss_mode,
+    check_and_merge,
     length_report,
     load_model,
     load_sft_splits,
     load_tokenizer,
     lora_config,
     parse_sft,
+    print_setup,
     resolved_settings,
     sample_prompts,
-    save_merged,
 )
 from hfpipe.run import prepare_output_dir, save_and_evaluate, save_resolved_config, train, write_records
 from hfpipe.trainers import ModelLossSFTTrainer
@@ -56,18 +56,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     loss_mode = assistant_loss_mode(tokenizer, splits)
     training_args.assistant_only_loss = loss_mode == "assistant"
     model = load_model(parsed, model_path, tokenizer)
-    print(table)
-    print(
-        f"{model.num_parameters():,} parameters | chat template: {template_choice} | loss on: {loss_mode} tokens | "
-        f"truncated at max_length={training_args.max_length}: {lengths['rows_truncated_fraction']:.1%} of rows, "
-        f"{lengths['tokens_truncated_fraction']:.1%} of tokens | "
-        f"{f'CPU, {threads} threads' if training_args.use_cpu else 'accelerator'}"
-    )
-    if training_args.packing and training_args.use_cpu:
-        print(
-            "warning: packing on CPU: TRL keeps packed rows apart through position ids, which sdpa on CPU turns into "
-            "a mask over the whole flattened batch (several times slower than length-grouped batches)."
-        )
+    print_setup(training_args, model, table, template_choice, loss_mode, lengths, threads)
     prompts = run_args.sample_prompts or sample_prompts(splits["validation"], tokenizer)
     log_extras = LogExtrasCallback(tokens_per_step=None)
     trainer_class = ModelLossSFTTrainer if data_args.use_model_loss else SFTTrainer
@@ -86,7 +75,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     train(trainer, resume_from)
     eval_metrics = save_and_evaluate(trainer)
     extra = {
-        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "train_tokens_per_second": round(log_extras.tokens_per_second, 1),
         "train_rows": len(splits["train"]),
         "loss_on": loss_mode,
@@ -94,12 +82,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         **lengths,
     }
     if trainer.is_world_process_zero():
-        problems = check_saved_model(output_dir, splits["train"][0], trainer.train_dataset[0]["input_ids"])
-        for problem in problems:
-            print(f"WARNING: template check failed: {problem}")
-        extra["template_check"] = problems or "ok"
-        if data_args.merge_adapter:
-            extra["merged_model"] = str(save_merged(trainer, tokenizer, output_dir / "merged"))
+        extra.update(check_and_merge(trainer, tokenizer, splits["train"][0], data_args.merge_adapter))
     metrics = write_records(trainer, training_args.run_name, eval_metrics, extra)
     if metrics:
         print(

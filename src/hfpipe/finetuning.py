@@ -16,6 +16,7 @@ from trl import DatasetMixtureConfig, ModelConfig, SFTConfig, get_peft_config
 from hfpipe.args import RunArguments, SFTArguments, check_precision, device_defaults
 from hfpipe.chat_templates import (
     apply_chat_template_choice,
+    check_saved_model,
     check_template_name,
     fit_model_to_tokenizer,
     has_generation_markers,
@@ -339,3 +340,43 @@ def save_merged(trainer: Any, tokenizer: PreTrainedTokenizerBase, destination: P
     merged.save_pretrained(destination)
     tokenizer.save_pretrained(destination)
     return destination
+
+
+def print_setup(
+    training_args: SFTConfig,
+    model: PreTrainedModel,
+    table: str,
+    template_choice: str,
+    loss_mode: str,
+    lengths: dict[str, float],
+    threads: int,
+) -> None:
+    """Print the data table and one line on the model, template, loss, truncation and device."""
+    print(table)
+    print(
+        f"{model.num_parameters():,} parameters | chat template: {template_choice} | loss on: {loss_mode} tokens | "
+        f"truncated at max_length={training_args.max_length}: {lengths['rows_truncated_fraction']:.1%} of rows, "
+        f"{lengths['tokens_truncated_fraction']:.1%} of tokens | "
+        f"{f'CPU, {threads} threads' if training_args.use_cpu else 'accelerator'}"
+    )
+    if training_args.packing and training_args.use_cpu:
+        print(
+            "warning: packing on CPU: TRL keeps packed rows apart through position ids, which sdpa on CPU turns into "
+            "a mask over the whole flattened batch (several times slower than length-grouped batches)."
+        )
+
+
+def check_and_merge(trainer: Any, tokenizer: PreTrainedTokenizerBase, first_row: dict, merge: bool) -> dict[str, Any]:
+    """After saving: check that the saved tokenizer renders the first training row exactly and that generation
+    stops at its EOS (loudly when not); merge the adapter on request. Returns entries for metrics.json."""
+    output_dir = Path(trainer.args.output_dir)
+    problems = check_saved_model(output_dir, first_row, trainer.train_dataset[0]["input_ids"])
+    for problem in problems:
+        print(f"WARNING: template check failed: {problem}")
+    records: dict[str, Any] = {
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "template_check": problems or "ok",
+    }
+    if merge:
+        records["merged_model"] = str(save_merged(trainer, tokenizer, output_dir / "merged"))
+    return records
