@@ -21,6 +21,7 @@ from hfpipe.errors import exit_on_user_error
 from hfpipe.finetuning import (
     assistant_loss_mode,
     check_and_merge,
+    greedy_stop_rate,
     length_report,
     load_model,
     load_sft_splits,
@@ -83,11 +84,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     if trainer.is_world_process_zero():
         extra.update(check_and_merge(trainer, tokenizer, splits["train"][0], data_args.merge_adapter))
+        held_out = sample_prompts(splits["validation"], tokenizer, count=16)
+        extra["heldout_greedy_stops_at_eos"] = greedy_stop_rate(trainer.model, tokenizer, held_out)
     metrics = write_records(trainer, training_args.run_name, eval_metrics, extra)
     if metrics:
         print(
-            f"Done: {output_dir} | eval_loss {metrics.get('eval_loss'):.4f} | template check: "
-            f"{metrics['template_check']} | {metrics['train_tokens_per_second']:,} tokens/s"
+            f"Done: {output_dir} | eval_loss {metrics['eval_loss_at_start']:.4f} -> {metrics['eval_loss']:.4f} | "
+            f"template check: {metrics['template_check']} | greedy answers ending at EOS: "
+            f"{metrics['heldout_greedy_stops_at_eos']:.0%} | {metrics['train_tokens_per_second']:,} tokens/s"
         )
     return metrics
 

@@ -77,6 +77,12 @@ class LogExtrasCallback(TrainerCallback):
         return self.train_tokens / self.train_seconds if self.train_seconds else 0.0
 
 
+def room_for(model: torch.nn.Module, prompt_length: int, max_new_tokens: int) -> int:
+    """New tokens that fit after a prompt: generation cannot run past the context the model was built with."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    return max_new_tokens if context is None else min(max_new_tokens, context - prompt_length)
+
+
 def generate_samples(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int, seed: int
 ) -> list[dict[str, str]]:
@@ -85,14 +91,12 @@ def generate_samples(
     was_training = model.training
     model.eval()
     samples = []
-    context = getattr(model.config, "max_position_embeddings", None)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         for prompt in prompts:
             inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
             prompt_length = inputs["input_ids"].shape[1]
-            # A sample cannot run past the context the model was built with.
-            room = max_new_tokens if context is None else min(max_new_tokens, context - prompt_length)
+            room = room_for(model, prompt_length, max_new_tokens)
             if room <= 0:
                 continue
             output = model.generate(

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from trl import DatasetMixtureConfig, ModelConfig, SFTConfig, get_peft_config
 
 from hfpipe.args import RunArguments, SFTArguments, check_precision, device_defaults
+from hfpipe.callbacks import room_for
 from hfpipe.chat_templates import (
     apply_chat_template_choice,
     check_saved_model,
@@ -380,3 +381,22 @@ def check_and_merge(trainer: Any, tokenizer: PreTrainedTokenizerBase, first_row:
     if merge:
         records["merged_model"] = str(save_merged(trainer, tokenizer, output_dir / "merged"))
     return records
+
+
+@torch.no_grad()
+def greedy_stop_rate(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int = 64
+) -> float:
+    """Fraction of prompts whose greedy answer ends with the EOS token within `max_new_tokens`."""
+    was_training = model.training
+    model.eval()
+    stopped = 0
+    for prompt in prompts:
+        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+        room = room_for(model, inputs["input_ids"].shape[1], max_new_tokens)
+        if room <= 0:
+            continue
+        output = model.generate(**inputs, max_new_tokens=room, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        stopped += int(output[0, -1].item() == tokenizer.eos_token_id)
+    model.train(was_training)
+    return stopped / max(1, len(prompts))
