@@ -28,7 +28,8 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-STEPS, BATCH, MAX_LENGTH, LR = 40, 8, 256, 1e-4
+BATCH, MAX_LENGTH, LR = 8, 256, 1e-4
+DEFAULT_STEPS = 40
 
 
 def build_assets(work: Path) -> tuple[Path, Path]:
@@ -101,33 +102,33 @@ def figures(output_dir: Path, wall: float, peak: int, token_key: str, output: st
     }
 
 
-def trl_run(model_dir: Path, data_dir: Path, out: Path, env: dict[str, str]) -> dict[str, float]:
+def trl_run(model_dir: Path, data_dir: Path, out: Path, env: dict[str, str], steps: int) -> dict[str, float]:
     """`trl sft` with the YAML a user writes from TRL's docs, plus the use_cpu it needs on a CPU machine."""
     config = out.parent / "trl.yaml"
     config.write_text(
         f"model_name_or_path: {model_dir}\ndataset_name: {data_dir}\noutput_dir: {out}\n"
-        f"max_length: {MAX_LENGTH}\nper_device_train_batch_size: {BATCH}\nmax_steps: {STEPS}\nlearning_rate: {LR}\n"
+        f"max_length: {MAX_LENGTH}\nper_device_train_batch_size: {BATCH}\nmax_steps: {steps}\nlearning_rate: {LR}\n"
         "eval_strategy: steps\n"
-        f"eval_steps: {STEPS}\nsave_steps: {STEPS}\nreport_to: none\nuse_cpu: true\n"
+        f"eval_steps: {steps}\nsave_steps: {steps}\nreport_to: none\nuse_cpu: true\n"
     )
     wall, peak, output = run_measured([str(Path(sys.executable).parent / "trl"), "sft", "--config", str(config)], env)
     return figures(out, wall, peak, "num_tokens", output)
 
 
-def hfpipe_run(model_dir: Path, data_dir: Path, out: Path, env: dict[str, str]) -> dict[str, float]:
+def hfpipe_run(model_dir: Path, data_dir: Path, out: Path, env: dict[str, str], steps: int) -> dict[str, float]:
     """recipes/sft.py with hfpipe's defaults and the same settings."""
     config = out.parent / "hfpipe.yaml"
     config.write_text(
         f"# accelerate launch recipes/sft.py --config {config}\nmodel_name_or_path: {model_dir}\n"
         f"train_files: [{data_dir}/train.jsonl]\nvalidation_files: [{data_dir}/test.jsonl]\noutput_dir: {out}\n"
-        f"max_length: {MAX_LENGTH}\nper_device_train_batch_size: {BATCH}\nmax_steps: {STEPS}\nlearning_rate: {LR}\n"
-        f"eval_steps: {STEPS}\neval_on_start: false\nsample_max_new_tokens: 16\n"
+        f"max_length: {MAX_LENGTH}\nper_device_train_batch_size: {BATCH}\nmax_steps: {steps}\nlearning_rate: {LR}\n"
+        f"eval_steps: {steps}\neval_on_start: false\nsample_max_new_tokens: 16\n"
     )
     wall, peak, output = run_measured([sys.executable, str(ROOT / "recipes" / "sft.py"), "--config", str(config)], env)
     return figures(out, wall, peak, "num_input_tokens_seen", output)
 
 
-def handwritten_run(model_dir: Path, data_dir: Path, out: Path, env: dict[str, str]) -> dict[str, float]:
+def handwritten_run(model_dir: Path, data_dir: Path, out: Path, env: dict[str, str], steps: int) -> dict[str, float]:
     """The loop a user writes by hand: shuffled batches padded to their longest row, prompt and padding masked."""
     out.mkdir(parents=True, exist_ok=True)
     script = out / "loop.py"
@@ -135,7 +136,7 @@ def handwritten_run(model_dir: Path, data_dir: Path, out: Path, env: dict[str, s
         HANDWRITTEN.format(
             model_dir=model_dir,
             data_dir=data_dir,
-            steps=STEPS,
+            steps=steps,
             batch=BATCH,
             max_length=MAX_LENGTH,
             lr=LR,
@@ -183,6 +184,7 @@ def collate(rows):
 train, test = encode("{data_dir}/train.jsonl"), encode("{data_dir}/test.jsonl")
 random.seed(0)
 optimizer = torch.optim.AdamW(model.parameters(), lr={lr}, fused=True)
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / {steps})
 order = []
 tokens, seconds = 0, 0.0
 model.train()
@@ -196,6 +198,7 @@ for step in range({steps}):
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
+    scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     seconds += time.perf_counter() - start
     tokens += int(mask.sum())
@@ -212,7 +215,9 @@ json.dump({{"tokens": tokens, "train_seconds": seconds, "eval_loss": sum(losses)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps per run (135 = 3 epochs)")
     options = parser.parse_args()
+    steps = options.steps
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("OMP_NUM_THREADS", "1")
     contenders = {
@@ -228,7 +233,7 @@ def main() -> None:
             for index, (name, run) in enumerate(contenders.items()):
                 out = work / f"r{repeat}-{index}" / "out"
                 out.parent.mkdir(parents=True)
-                runs[name].append(run(model_dir, data_dir, out, env))
+                runs[name].append(run(model_dir, data_dir, out, env, steps))
                 print(f"round {repeat}: {name}: {runs[name][-1]}", flush=True)
     trl, ours, hand = (runs[name] for name in contenders)
 
@@ -239,19 +244,20 @@ def main() -> None:
 
     result = {
         "omp_num_threads": env["OMP_NUM_THREADS"],
-        "settings": {"steps": STEPS, "batch": BATCH, "max_length": MAX_LENGTH, "learning_rate": LR},
+        "settings": {"steps": steps, "batch": BATCH, "max_length": MAX_LENGTH, "learning_rate": LR},
         "runs": runs,
         "median_hfpipe_over_trl": ratio(ours, trl),
         "median_hfpipe_over_handwritten": ratio(ours, hand),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "sft_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    name = "sft_throughput.json" if steps == DEFAULT_STEPS else f"sft_throughput_{steps}steps.json"
+    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
-    write_table(result)
+    write_table(result, "sft-table" if steps == DEFAULT_STEPS else f"sft-{steps}-table")
 
 
-def write_table(result: dict) -> None:
-    """Rewrite the SFT table in benchmarks/README.md."""
+def write_table(result: dict, marker: str) -> None:
+    """Rewrite the table between `<!-- marker -->` comments in benchmarks/README.md."""
     median = lambda runs, key: statistics.median(run[key] for run in runs)  # noqa: E731
     rows = [
         f"| {name} | {median(runs, 'real_tokens_per_second'):,.0f} | {median(runs, 'startup_seconds'):.1f} | "
@@ -261,7 +267,8 @@ def write_table(result: dict) -> None:
     table = "\n".join(
         [
             f"OMP_NUM_THREADS={result['omp_num_threads']}, {len(next(iter(result['runs'].values())))} alternating "
-            f"rounds of {STEPS} steps. hfpipe / TRL: **{result['median_hfpipe_over_trl']:.2f}x**; "
+            f"rounds of {result['settings']['steps']} steps. "
+            f"hfpipe / TRL: **{result['median_hfpipe_over_trl']:.2f}x**; "
             f"hfpipe / hand-written: **{result['median_hfpipe_over_handwritten']:.2f}x** (medians of per-round ratios)",
             "",
             "| contender | real tokens/s | start-up s | peak RSS MB | held-out loss |",
@@ -271,7 +278,7 @@ def write_table(result: dict) -> None:
     )
     readme = ROOT / "benchmarks" / "README.md"
     text = readme.read_text()
-    start, end = "<!-- sft-table -->", "<!-- /sft-table -->"
+    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
     before, rest = text.split(start, 1)
     readme.write_text(f"{before}{start}\n{table}\n{end}{rest.split(end, 1)[1]}")
 
