@@ -32,8 +32,26 @@ BATCH, MAX_LENGTH, LR = 8, 256, 1e-4
 DEFAULT_STEPS = 40
 
 
-def build_assets(work: Path) -> tuple[Path, Path]:
-    """A 5M-parameter GPT-2 dir and the rows converted to prompt/completion JSONL (train.jsonl, test.jsonl)."""
+def speech_rows(count: int) -> list[dict[str, str]]:
+    """Prompt/completion rows of varied length from the corpus: a speech's first line, then the rest of it."""
+    import random
+
+    rng = random.Random(0)
+    speeches = []
+    for path in sorted((ROOT / "data/shakespeare/train").glob("*.txt")):
+        for block in path.read_text().split("\n\n"):
+            lines = [line.strip() for line in block.strip().splitlines() if line.strip()]
+            if 3 <= len(lines) <= 24 and 200 <= len(block) <= 1000:
+                speeches.append(lines)
+    rows = []
+    for lines in rng.sample(speeches, count):
+        rows.append({"prompt": "Continue the speech:\n" + lines[0] + "\n", "completion": "\n".join(lines[1:])})
+    return rows
+
+
+def build_assets(work: Path, long_rows: bool) -> tuple[Path, Path]:
+    """A 5M-parameter GPT-2 dir and prompt/completion JSONL rows (train.jsonl, test.jsonl): the shipped
+    instruction set in the '### Instruction:' layout, or with `long_rows` speeches of 30-250 tokens."""
     from datasets import Dataset
     from transformers import set_seed
 
@@ -52,8 +70,12 @@ def build_assets(work: Path) -> tuple[Path, Path]:
     tokenizer.save_pretrained(model_dir)
     data_dir = work / "rows"
     data_dir.mkdir()
+    speeches = speech_rows(400) if long_rows else []
     for split in ("train", "test"):
-        rows = [json.loads(line) for line in (ROOT / f"data/instructions/{split}.jsonl").read_text().splitlines()]
+        if long_rows:
+            rows = speeches[:360] if split == "train" else speeches[360:]
+        else:
+            rows = [json.loads(line) for line in (ROOT / f"data/instructions/{split}.jsonl").read_text().splitlines()]
         converted, _, _ = prepare_source(Source(split, Dataset.from_list(rows)), False, None, False)
         converted.to_json(data_dir / f"{split}.jsonl")
     print(f"model: {model.num_parameters():,} parameters", flush=True)
@@ -216,6 +238,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps per run (135 = 3 epochs)")
+    parser.add_argument("--long-rows", action="store_true", help="speeches of 30-250 tokens instead of short Q&A")
     options = parser.parse_args()
     steps = options.steps
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -228,7 +251,7 @@ def main() -> None:
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in contenders}
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
-        model_dir, data_dir = build_assets(work)
+        model_dir, data_dir = build_assets(work, options.long_rows)
         for repeat in range(options.repeats):
             for index, (name, run) in enumerate(contenders.items()):
                 out = work / f"r{repeat}-{index}" / "out"
@@ -244,16 +267,24 @@ def main() -> None:
 
     result = {
         "omp_num_threads": env["OMP_NUM_THREADS"],
-        "settings": {"steps": steps, "batch": BATCH, "max_length": MAX_LENGTH, "learning_rate": LR},
+        "settings": {
+            "rows": "speeches" if options.long_rows else "instructions",
+            "steps": steps,
+            "batch": BATCH,
+            "max_length": MAX_LENGTH,
+            "learning_rate": LR,
+        },
         "runs": runs,
         "median_hfpipe_over_trl": ratio(ours, trl),
         "median_hfpipe_over_handwritten": ratio(ours, hand),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "sft_throughput.json" if steps == DEFAULT_STEPS else f"sft_throughput_{steps}steps.json"
+    tag = ("_long" if options.long_rows else "") + ("" if steps == DEFAULT_STEPS else f"_{steps}steps")
+    name = f"sft_throughput{tag}.json"
     (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
-    write_table(result, "sft-table" if steps == DEFAULT_STEPS else f"sft-{steps}-table")
+    marker = "sft" + ("-long" if options.long_rows else "") + ("" if steps == DEFAULT_STEPS else f"-{steps}")
+    write_table(result, f"{marker}-table")
 
 
 def write_table(result: dict, marker: str) -> None:

@@ -275,3 +275,32 @@ def test_dora_adapter_trains_magnitudes_too(sft_config, sft_main) -> None:
     adapter = load_file(config.parent / "run" / "adapter_model.safetensors")
     assert any("lora_magnitude_vector" in name for name in adapter)
     assert metrics["trainable_parameters"] == sum(t.numel() for t in adapter.values())
+
+
+def test_mixture_of_two_formats_keeps_its_shares(tmp_path: Path, tiny_gpt2_dir: Path) -> None:
+    from hfpipe.finetuning import load_sft_splits, load_tokenizer, parse_sft
+
+    instructions = write_rows(tmp_path / "a.jsonl", ROWS)  # 24 rows
+    pairs = write_rows(
+        tmp_path / "b.jsonl",
+        [{"prompt": f"Count to {i}:", "completion": " ".join(map(str, range(i)))} for i in range(2, 12)],
+    )
+    config = tmp_path / "mix.yaml"
+    config.write_text(
+        f"""# accelerate launch recipes/sft.py --config {config}
+model_name_or_path: {tiny_gpt2_dir}
+output_dir: {tmp_path}/run
+datasets:
+  - path: {instructions}
+    fraction: 3
+  - path: {pairs}
+    fraction: 1
+test_split_size: 0.25
+"""
+    )
+    parsed = parse_sft(["--config", str(config)])
+    tokenizer, _, _ = load_tokenizer(parsed)
+    splits, table = load_sft_splits(parsed, tokenizer, smoke=False)
+    assert len(splits["train"]) + len(splits["validation"]) == 24 + 8  # 75% / 25%, the 24 rows cap the total
+    assert "a.jsonl" in table and "instruction" in table and "prompt_completion" in table and "75.0%" in table
+    assert set(splits["train"].column_names) == {"prompt", "completion"}

@@ -185,69 +185,69 @@ def load_sft_splits(parsed: ParsedConfig, tokenizer: PreTrainedTokenizerBase, sm
 
     Returns the splits and a printable table of rows and tokens per source.
     """
-    data_args = parsed.get(SFTArguments)
-    mixture = parsed.get(DatasetMixtureConfig)
+    data_args, mixture = parsed.get(SFTArguments), parsed.get(DatasetMixtureConfig)
     where = str(parsed.path)
     chat = tokenizer.chat_template is not None
-    if data_args.train_files:
-        sources = [Source(path, load_source(path, where)) for path in data_args.train_files]
-    elif data_args.dataset_name:
-        sources = [
-            Source(
-                data_args.dataset_name,
-                load_source(
-                    data_args.dataset_name, where, name=data_args.dataset_config, split=data_args.dataset_train_split
-                ),
-            )
+
+    def convert(sources: list[Source]) -> list[tuple[Dataset, str, int]]:
+        prepared = [
+            prepare_source(source, chat, data_args.system_prompt, data_args.skip_bad_rows) for source in sources
         ]
-    else:
-        sources = [
-            Source(
-                config.path,
-                load_source(
-                    config.path,
-                    where,
-                    name=config.name,
-                    data_dir=config.data_dir,
-                    data_files=config.data_files,
-                    split=config.split,
-                ),
-                config.fraction,
-            )
-            for config in mixture.datasets
-        ]
-    prepared = [prepare_source(source, chat, data_args.system_prompt, data_args.skip_bad_rows) for source in sources]
-    for source, (_, _, skipped) in zip(sources, prepared, strict=True):
-        if skipped:
-            print(f"warning: {source.name}: skipped {skipped} rows that cannot be trained on (skip_bad_rows: true)")
+        for source, (_, _, skipped) in zip(sources, prepared, strict=True):
+            if skipped:
+                print(f"warning: {source.name}: skipped {skipped} rows that cannot be trained on (skip_bad_rows: true)")
+        return prepared
+
+    sources = _train_sources(data_args, mixture, where)
+    prepared = convert(sources)
     parts = mix([dataset for dataset, _, _ in prepared], [source.fraction for source in sources])
-    table = source_table(sources, [fmt for _, fmt, _ in prepared], parts, tokenizer)
+    table = source_table(sources, [row_format for _, row_format, _ in prepared], parts, tokenizer)
     train = concatenate(parts)
-    if data_args.validation_files:
-        validation_sources = [Source(path, load_source(path, where)) for path in data_args.validation_files]
-        validation = concatenate(
-            [prepare_source(s, chat, data_args.system_prompt, data_args.skip_bad_rows)[0] for s in validation_sources]
-        )
-        splits = DatasetDict({"train": train, "validation": validation})
-    elif data_args.dataset_name and data_args.dataset_test_split:
-        source = Source(
-            data_args.dataset_name,
-            load_source(
-                data_args.dataset_name, where, name=data_args.dataset_config, split=data_args.dataset_test_split
-            ),
-        )
-        splits = DatasetDict(
-            {
-                "train": train,
-                "validation": prepare_source(source, chat, data_args.system_prompt, data_args.skip_bad_rows)[0],
-            }
-        )
+    validation_sources = _validation_sources(data_args, where)
+    if validation_sources:
+        validation = concatenate([dataset for dataset, _, _ in convert(validation_sources)])
     else:
         split = train.train_test_split(test_size=mixture.test_split_size, seed=parsed.get(SFTConfig).seed)
-        splits = DatasetDict({"train": split["train"], "validation": split["test"]})
+        train, validation = split["train"], split["test"]
+    splits = DatasetDict({"train": train, "validation": validation})
     if smoke:
         splits = DatasetDict({name: split.select(range(min(len(split), 32))) for name, split in splits.items()})
     return splits, table
+
+
+def _train_sources(data_args: SFTArguments, mixture: DatasetMixtureConfig, where: str) -> list[Source]:
+    if data_args.train_files:
+        return [Source(path, load_source(path, where)) for path in data_args.train_files]
+    if data_args.dataset_name:
+        return [_hub_source(data_args, data_args.dataset_train_split, where)]
+    return [
+        Source(
+            config.path,
+            load_source(
+                config.path,
+                where,
+                name=config.name,
+                data_dir=config.data_dir,
+                data_files=config.data_files,
+                split=config.split,
+            ),
+            config.fraction,
+        )
+        for config in mixture.datasets
+    ]
+
+
+def _validation_sources(data_args: SFTArguments, where: str) -> list[Source]:
+    if data_args.validation_files:
+        return [Source(path, load_source(path, where)) for path in data_args.validation_files]
+    if data_args.dataset_name and data_args.dataset_test_split:
+        return [_hub_source(data_args, data_args.dataset_test_split, where)]
+    return []
+
+
+def _hub_source(data_args: SFTArguments, split: str, where: str) -> Source:
+    name = data_args.dataset_name
+    return Source(name, load_source(name, where, name=data_args.dataset_config, split=split))
 
 
 def source_table(
