@@ -88,8 +88,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         extra["heldout_greedy_stops_at_eos"] = greedy_stop_rate(trainer.model, tokenizer, held_out)
     metrics = write_records(trainer, training_args.run_name, eval_metrics, extra)
     if metrics:
+        start = metrics["eval_loss_at_start"]
         print(
-            f"Done: {output_dir} | eval_loss {metrics['eval_loss_at_start']:.4f} -> {metrics['eval_loss']:.4f} | "
+            f"Done: {output_dir} | eval_loss {'' if start is None else f'{start:.4f} -> '}{metrics['eval_loss']:.4f} | "
             f"template check: {metrics['template_check']} | greedy answers ending at EOS: "
             f"{metrics['heldout_greedy_stops_at_eos']:.0%} | {metrics['train_tokens_per_second']:,} tokens/s"
         )

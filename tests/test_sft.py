@@ -130,7 +130,10 @@ def test_chatml_conversations_train_on_assistant_tokens_only(tiny_gpt2_dir: Path
 
 def test_full_fine_tune_runs_and_changes_weights(sft_config, sft_main, tiny_gpt2_dir: Path) -> None:
     config = sft_config()
-    metrics = sft_main(["--config", str(config)])
+    metrics = sft_main(["--config", str(config), "--eval_on_start", "false"])
+    assert metrics["eval_loss_at_start"] is None
+    metrics = sft_main(["--config", str(config), "--overwrite_output_dir", "true"])
+    assert metrics["eval_loss_at_start"] > metrics["eval_loss"]
     run = config.parent / "run"
     before, after = load_file(tiny_gpt2_dir / "model.safetensors"), load_file(run / "model.safetensors")
     assert any(not torch.equal(before[name], after[name]) for name in before)
