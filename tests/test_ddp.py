@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,12 @@ def run(command: list[str]) -> str:
     return result.stdout + result.stderr
 
 
+def free_port() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
 def step_losses(output_dir: Path) -> list[float]:
     state = json.loads((output_dir / "checkpoint-6" / "trainer_state.json").read_text())
     return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
@@ -33,7 +40,7 @@ def step_losses(output_dir: Path) -> list[float]:
 def test_two_process_ddp_matches_single_process(tiny_config) -> None:
     config = tiny_config()
     ddp_dir, single_dir = config.parent / "ddp", config.parent / "single"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
     output = run(
         [
             *torchrun,
