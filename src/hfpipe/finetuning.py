@@ -55,8 +55,6 @@ SFT_DEFAULTS: dict[str, Any] = {
     "report_to": "none",
     "lora_dropout": 0.0,
     "test_split_size": 0.1,
-    # Batches of similar lengths: little padding and no cross-sample attention, fast on CPU with sdpa.
-    "train_sampling_strategy": "group_by_length",
     "ddp_find_unused_parameters": False,
 }
 LORA_LEARNING_RATE = 2e-4
