@@ -26,15 +26,16 @@ from hfpipe.config import ParsedConfig, parse
 from hfpipe.data import cache_root, resolve_files
 from hfpipe.errors import ConfigError, DataError
 from hfpipe.modeling import check_model_path, load_causal_lm
-from hfpipe.run import derive_run_settings
+from hfpipe.run import RUN_DEFAULTS, derive_run_settings
 from hfpipe.sft_data import Source, concatenate, load_source, mix, prepare_source, rendered_lengths
 
 SFT_ARGUMENTS = (SFTConfig, ModelConfig, SFTArguments, DatasetMixtureConfig, RunArguments)
 
-# SFT defaults that differ from TRL's: a precision that runs on this device, no gradient checkpointing
-# (it trades speed for memory that small models do not need), frequent evaluation with the best checkpoint
-# kept, a checkpoint on SIGTERM, LoRA without dropout (dropout makes LoRA slower than full fine-tuning).
+# SFT defaults on top of the shared run conventions and the device's precision: no gradient checkpointing (it
+# trades speed for memory that small models do not need), LoRA without dropout (dropout makes LoRA slower than
+# full fine-tuning), an evaluation before training.
 SFT_DEFAULTS: dict[str, Any] = {
+    **RUN_DEFAULTS,
     "gradient_checkpointing": None,  # TRL turns it on; the v5 name below avoids a FutureWarning
     "activation_checkpointing": False,
     "eval_on_start": True,  # the held-out loss before training, to compare with the end
@@ -44,18 +45,9 @@ SFT_DEFAULTS: dict[str, Any] = {
     "per_device_eval_batch_size": 8,
     "lr_scheduler_type": "cosine",
     "warmup_steps": 0.03,
-    "logging_steps": 10,
-    "eval_strategy": "steps",
     "eval_steps": 50,
-    "save_strategy": "steps",
-    "save_total_limit": 2,
-    "metric_for_best_model": "eval_loss",
-    "greater_is_better": False,
-    "enable_jit_checkpoint": True,
-    "report_to": "none",
     "lora_dropout": 0.0,
     "test_split_size": 0.1,
-    "ddp_find_unused_parameters": False,
 }
 LORA_LEARNING_RATE = 2e-4
 FULL_LEARNING_RATE = 5e-5

@@ -33,7 +33,7 @@ from hfpipe.data import (
 )
 from hfpipe.errors import ConfigError
 from hfpipe.modeling import SHAPE_KEYS, build_gpt2, check_model_path, check_shape, load_causal_lm, resolve_shape
-from hfpipe.run import derive_run_settings
+from hfpipe.run import RUN_DEFAULTS, derive_run_settings
 from hfpipe.tokenizer import MIN_BPE_VOCAB, train_bpe, train_char
 
 PRETRAIN_ARGUMENTS = (
@@ -46,9 +46,9 @@ PRETRAIN_ARGUMENTS = (
     RemoteCodeArguments,
 )
 
-# Pretraining defaults that differ from TrainingArguments': GPT-style optimizer settings, frequent logging,
-# evaluation and checkpoints with the best one kept, a checkpoint on SIGTERM.
+# Pretraining defaults on top of the shared run conventions: GPT-style optimizer settings and schedule.
 PRETRAIN_DEFAULTS: dict[str, Any] = {
+    **RUN_DEFAULTS,
     "learning_rate": 6e-4,
     "lr_scheduler_type": "cosine",
     "warmup_steps": 0.02,
@@ -57,16 +57,7 @@ PRETRAIN_DEFAULTS: dict[str, Any] = {
     "per_device_train_batch_size": 16,
     "per_device_eval_batch_size": 16,
     "num_train_epochs": 1.0,
-    "logging_steps": 10,
-    "eval_strategy": "steps",
     "eval_steps": 200,
-    "save_strategy": "steps",
-    "save_total_limit": 2,
-    "metric_for_best_model": "eval_loss",
-    "greater_is_better": False,
-    "enable_jit_checkpoint": True,
-    "report_to": "none",
-    "ddp_find_unused_parameters": False,  # every weight of a causal LM gets a gradient
 }
 UNSUPPORTED_MODEL_KEYS = ("use_peft", "load_in_4bit", "load_in_8bit")
 

@@ -40,6 +40,21 @@ def check_not_finished(output_dir: Path, overwrite: bool, where: str) -> None:
         )
 
 
+# Every recipe's run conventions, on top of which each sets its own: log often, evaluate and checkpoint on the same
+# steps, keep the best checkpoint beside the latest, checkpoint on SIGTERM, report to no service unless asked,
+# no search for unused parameters under DDP (every weight of a causal LM gets a gradient).
+RUN_DEFAULTS: dict[str, Any] = {
+    "logging_steps": 10,
+    "eval_strategy": "steps",
+    "save_strategy": "steps",
+    "save_total_limit": 2,
+    "metric_for_best_model": "eval_loss",
+    "greater_is_better": False,
+    "enable_jit_checkpoint": True,
+    "report_to": "none",
+    "ddp_find_unused_parameters": False,
+}
+
 # --smoke: a few steps that still evaluate, checkpoint and log every step, into outputs/smoke/.
 SMOKE_SETTINGS: dict[str, Any] = {"max_steps": 4, "eval_steps": 2, "save_steps": 2, "logging_steps": 1}
 
