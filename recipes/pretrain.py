@@ -25,7 +25,7 @@ from hfpipe.pretraining import (
     parse_pretrain,
     resolved_settings,
 )
-from hfpipe.run import finish, prepare_output_dir, save_resolved_config, train
+from hfpipe.run import finish, prepare_output_dir, save_run_config, train
 
 
 @exit_on_user_error
@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     trainer.callback_handler.callbacks.insert(0, log_extras)  # before the printer: it adds to the logs
     if training_args.process_index == 0:
-        save_resolved_config(output_dir, "pretrain", resolved_settings(parsed))
+        save_run_config(output_dir, "pretrain", resolved_settings(parsed), resuming=resume_from is not None)
     train(trainer, resume_from)
     extra = {
         "parameters": model.num_parameters(),

@@ -32,7 +32,7 @@ from hfpipe.finetuning import (
     resolved_settings,
     sample_prompts,
 )
-from hfpipe.run import prepare_output_dir, save_and_evaluate, save_resolved_config, train, write_records
+from hfpipe.run import prepare_output_dir, save_and_evaluate, save_run_config, train, write_records
 from hfpipe.trainers import ModelLossSFTTrainer
 
 
@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     trainer.callback_handler.callbacks.insert(0, log_extras)  # before the printer: it adds to the logs
     if training_args.process_index == 0:
-        save_resolved_config(output_dir, "sft", resolved_settings(parsed))
+        save_run_config(output_dir, "sft", resolved_settings(parsed), resuming=resume_from is not None)
     train(trainer, resume_from)
     eval_metrics = save_and_evaluate(trainer)
     extra = {

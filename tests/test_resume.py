@@ -67,6 +67,7 @@ def test_kill_9_then_rerun_matches_an_uninterrupted_run(tiny_config) -> None:
     output = rerun.communicate()[0]
     assert rerun.returncode == 0, output
     assert f"Resuming from {resumed_from}" in output
+    assert "resuming with a changed setting" not in output
     expected, actual = final_weights(reference), final_weights(interrupted)
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
@@ -91,6 +92,10 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes(tiny_config) -> None:
     rerun_output = rerun.communicate()[0]
     assert rerun.returncode == 0, rerun_output
     assert f"Resuming from {checkpoint}" in rerun_output
+    assert (
+        f"warning: resuming with a changed setting: max_steps: 400 -> {int(checkpoint.name.split('-')[1]) + 2}"
+        in rerun_output
+    )
     assert (output_dir / "metrics.json").exists()
 
 

@@ -140,6 +140,28 @@ def save_resolved_config(output_dir: Path, recipe: str, settings: dict[str, Any]
     return path
 
 
+def config_changes(output_dir: Path, settings: dict[str, Any]) -> list[str]:
+    """Compare the settings of a resumed run with the config.yaml its first launch saved; describe each change."""
+    saved_path = output_dir / "config.yaml"
+    if not saved_path.is_file():
+        return []
+    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    current = _plain(public_settings(settings))
+    return [
+        f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    ]
+
+
+def save_run_config(output_dir: Path, recipe: str, settings: dict[str, Any], resuming: bool) -> None:
+    """Save config.yaml; when resuming, first say which settings differ from the interrupted launch."""
+    if resuming:
+        for change in config_changes(output_dir, settings):
+            print(f"warning: resuming with a changed setting: {change}")
+    save_resolved_config(output_dir, recipe, settings)
+
+
 def train(trainer: Trainer, resume_from: Path | None) -> None:
     """Train, resuming from `resume_from`; exit with 143 when SIGTERM stopped the run after a checkpoint."""
     if resume_from is not None:
