@@ -55,28 +55,29 @@ sample_max_new_tokens: 4
     return make
 
 
+def cpu_sft_args(**settings):
+    """An SFTConfig that runs here: CPU, fp32, no checkpointing, no reporting."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir="/tmp/unused", use_cpu=True, bf16=False, report_to="none", activation_checkpointing=False, **settings
+    )
+
+
 def first_batch(trainer) -> dict[str, torch.Tensor]:
     return next(iter(trainer.get_train_dataloader()))
 
 
 def test_instruction_loss_covers_the_response_and_eos_only(tiny_gpt2_dir: Path) -> None:
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from hfpipe.sft_data import convert_row
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
     row = convert_row(ROWS[3], "instruction", chat=False, system_prompt=None)
-    args = SFTConfig(
-        output_dir="/tmp/unused",
-        use_cpu=True,
-        bf16=False,
-        max_length=256,
-        report_to="none",
-        per_device_train_batch_size=1,
-        activation_checkpointing=False,
-    )
+    args = cpu_sft_args(max_length=256, per_device_train_batch_size=1)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([row]), processing_class=tokenizer)
     batch = first_batch(trainer)
     prompt_ids = tokenizer(row["prompt"])["input_ids"]
@@ -90,7 +91,7 @@ def test_instruction_loss_covers_the_response_and_eos_only(tiny_gpt2_dir: Path) 
 
 def test_chatml_conversations_train_on_assistant_tokens_only(tiny_gpt2_dir: Path) -> None:
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from hfpipe.chat_templates import apply_chat_template_choice, fit_model_to_tokenizer
 
@@ -106,16 +107,7 @@ def test_chatml_conversations_train_on_assistant_tokens_only(tiny_gpt2_dir: Path
         {"role": "user", "content": "the queen"},
         {"role": "assistant", "content": "hears"},
     ]
-    args = SFTConfig(
-        output_dir="/tmp/unused",
-        use_cpu=True,
-        bf16=False,
-        max_length=128,
-        report_to="none",
-        per_device_train_batch_size=1,
-        activation_checkpointing=False,
-        assistant_only_loss=True,
-    )
+    args = cpu_sft_args(max_length=128, per_device_train_batch_size=1, assistant_only_loss=True)
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list([{"messages": messages}]), processing_class=tokenizer
     )
@@ -245,22 +237,14 @@ def test_check_show_samples_marks_the_trained_span(sft_config, capsys) -> None:
 
 def test_model_loss_trainer_gives_trls_loss(tiny_gpt2_dir: Path) -> None:
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from hfpipe.sft_data import convert_row
     from hfpipe.trainers import ModelLossSFTTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
     rows = Dataset.from_list([convert_row(row, "instruction", False, None) for row in ROWS[:4]])
-    args = SFTConfig(
-        output_dir="/tmp/unused",
-        use_cpu=True,
-        bf16=False,
-        max_length=64,
-        report_to="none",
-        per_device_train_batch_size=4,
-        activation_checkpointing=False,
-    )
+    args = cpu_sft_args(max_length=64, per_device_train_batch_size=4)
     losses = []
     for trainer_class in (SFTTrainer, ModelLossSFTTrainer):
         model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)

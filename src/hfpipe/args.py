@@ -153,7 +153,7 @@ def device_defaults() -> dict[str, object]:
     return {"bf16": cuda_bf16_available(), "fp16": False, "dataloader_pin_memory": on_gpu}
 
 
-def check_precision(values: dict[str, object], where: str) -> None:
+def resolve_device_settings(values: dict[str, object], where: str) -> None:
     """Stop on a precision setting this machine cannot run, before anything is loaded; on a machine with no
     accelerator, set use_cpu so that CPU runs (DDP with gloo included) are set up as such."""
     if values.get("bf16") and values.get("fp16"):

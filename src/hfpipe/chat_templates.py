@@ -87,6 +87,18 @@ def render_ids(tokenizer: PreTrainedTokenizerBase, row: dict) -> list[int]:
     return tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
 
 
+def render_prompt_ids(tokenizer: PreTrainedTokenizerBase, row: dict) -> list[int]:
+    """Token ids of the part of a converted row the loss does not cover under completion-only loss: the prompt
+    (for conversations, every turn before the last, with the generation prompt); none for plain text."""
+    if row.get("messages") is not None:
+        return _ids(tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True))
+    if isinstance(row.get("prompt"), list):
+        return _ids(tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True))
+    if row.get("prompt") is not None:
+        return tokenizer(row["prompt"])["input_ids"]
+    return []
+
+
 def _ids(encoded) -> list[int]:
     return list(encoded["input_ids"]) if hasattr(encoded, "keys") else list(encoded)
 

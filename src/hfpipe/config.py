@@ -211,11 +211,11 @@ def _field_index(dataclass_types: Sequence[type]) -> dict[str, Any]:
     return index
 
 
-def _unknown_key_message(where: str, key: str, known: dict[str, Any]) -> str:
+def _unknown_key_message(where: str, key: str, known: dict[str, Any], noun: str = "key") -> str:
     for new_name in RENAMED_KEYS.get(key, ()):
         if new_name in known:
-            return f"{where}: key '{key}' was renamed in recent transformers/TRL releases: use '{new_name}'."
-    return f"{where}: unknown key '{key}'.{did_you_mean(key, known)} Run with --help to list every key."
+            return f"{where}: {noun} '{key}' was renamed in recent transformers/TRL releases: use '{new_name}'."
+    return f"{where}: unknown {noun} '{key}'.{did_you_mean(key, known)} Run with --help to list every key."
 
 
 def check_values(where: str, values: dict[str, Any], known: dict[str, Any]) -> dict[str, Any]:
@@ -242,7 +242,7 @@ def _cli_keys(argv: Sequence[str], known: dict[str, Any]) -> list[str]:
         if token.startswith("--"):
             name = token[2:].split("=", 1)[0]
             if name not in known:
-                raise ConfigError(_unknown_key_message("command line", f"{name}", known).replace("key", "flag", 1))
+                raise ConfigError(_unknown_key_message("command line", name, known, noun="flag"))
             keys.append(name)
     return keys
 

@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from datasets import Dataset, DatasetDict
 from peft import LoraConfig
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl import DatasetMixtureConfig, ModelConfig, SFTConfig, get_peft_config
 
-from hfpipe.args import RunArguments, SFTArguments, check_precision, device_defaults
+from hfpipe.args import RunArguments, SFTArguments, device_defaults, resolve_device_settings
 from hfpipe.callbacks import room_for
 from hfpipe.chat_templates import (
     apply_chat_template_choice,
@@ -25,7 +25,7 @@ from hfpipe.chat_templates import (
 from hfpipe.config import ParsedConfig, parse
 from hfpipe.data import cache_root, resolve_files
 from hfpipe.errors import ConfigError, DataError
-from hfpipe.modeling import check_model_path, load_causal_lm
+from hfpipe.modeling import check_model_path, load_causal_lm, load_tokenizer_from
 from hfpipe.run import RUN_DEFAULTS, derive_run_settings
 from hfpipe.sft_data import Source, concatenate, load_source, mix, prepare_source, rendered_lengths
 
@@ -54,7 +54,7 @@ FULL_LEARNING_RATE = 5e-5
 
 
 def _validate(values: dict[str, Any], where: str) -> None:
-    check_precision(values, where)
+    resolve_device_settings(values, where)
     if values.get("learning_rate") is None:
         values["learning_rate"] = LORA_LEARNING_RATE if values.get("use_peft") else FULL_LEARNING_RATE
     if not values.get("model_name_or_path"):
@@ -132,12 +132,9 @@ def load_tokenizer(parsed: ParsedConfig) -> tuple[PreTrainedTokenizerBase, str, 
 
     model_args, training_args = parsed.get(ModelConfig), parsed.get(SFTConfig)
     name = resolve_model_path(model_args.model_name_or_path, cache_root())
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
-        )
-    except OSError as error:
-        raise ConfigError(f"model_name_or_path: no tokenizer in '{name}': {str(error).splitlines()[0]}") from None
+    tokenizer = load_tokenizer_from(
+        name, "model_name_or_path", model_args.model_revision, training_args.trust_remote_code
+    )
     choice = apply_chat_template_choice(parsed.get(SFTArguments).chat_template, tokenizer)
     return tokenizer, choice, name
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from hfpipe.args import GPT2ShapeArguments
 from hfpipe.errors import ConfigError
@@ -82,6 +89,16 @@ def check_model_path(name: str, key: str, where: str) -> None:
     """A local model or tokenizer path must exist and be a directory."""
     if looks_local(name) and not Path(name).expanduser().is_dir():
         raise ConfigError(f"{where}: {key}: '{name}' is not a directory. Give a model output dir or a Hub id.")
+
+
+def load_tokenizer_from(
+    name: str, key: str, revision: str = "main", trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """Load a pretrained tokenizer; a load failure is a one-line ConfigError naming the config key."""
+    try:
+        return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise ConfigError(f"{key}: no tokenizer could be loaded from '{name}': {str(error).splitlines()[0]}") from None
 
 
 def load_causal_lm(

@@ -17,8 +17,8 @@ from hfpipe.args import (
     RemoteCodeArguments,
     RunArguments,
     TokenizerArguments,
-    check_precision,
     device_defaults,
+    resolve_device_settings,
 )
 from hfpipe.config import ParsedConfig, parse
 from hfpipe.data import (
@@ -32,7 +32,15 @@ from hfpipe.data import (
     tokenizer_fingerprint,
 )
 from hfpipe.errors import ConfigError
-from hfpipe.modeling import SHAPE_KEYS, build_gpt2, check_model_path, check_shape, load_causal_lm, resolve_shape
+from hfpipe.modeling import (
+    SHAPE_KEYS,
+    build_gpt2,
+    check_model_path,
+    check_shape,
+    load_causal_lm,
+    load_tokenizer_from,
+    resolve_shape,
+)
 from hfpipe.run import RUN_DEFAULTS, derive_run_settings
 from hfpipe.tokenizer import MIN_BPE_VOCAB, train_bpe, train_char
 
@@ -76,7 +84,7 @@ def default_run_name(values: dict[str, Any]) -> str:
 
 
 def _validate(values: dict[str, Any], where: str) -> None:
-    check_precision(values, where)
+    resolve_device_settings(values, where)
     for key in UNSUPPORTED_MODEL_KEYS:
         if values.get(key):
             raise ConfigError(f"{where}: {key}: pretraining trains every weight; use recipes/sft.py for adapters.")
@@ -149,12 +157,7 @@ def load_tokenizer(parsed: ParsedConfig, raw: DatasetDict, smoke: bool) -> PreTr
     name = tok_args.tokenizer_name_or_path or model_args.model_name_or_path
     if name:
         key = "tokenizer_name_or_path" if tok_args.tokenizer_name_or_path else "model_name_or_path"
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        except OSError as error:
-            raise ConfigError(
-                f"{key}: no tokenizer could be loaded from '{name}': {str(error).splitlines()[0]}"
-            ) from None
+        tokenizer = load_tokenizer_from(name, key, trust_remote_code=trust_remote_code)
         if tokenizer.eos_token_id is None:
             raise ConfigError(f"tokenizer '{name}' has no EOS token; pretraining separates documents with it.")
         if tokenizer.pad_token_id is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from hfpipe.chat_templates import render_ids
+from hfpipe.chat_templates import render_ids, render_prompt_ids
 
 OPEN, CLOSE = "\u27e6", "\u27e7"  # ⟦ ⟧ around the tokens the loss covers
 
@@ -17,11 +17,7 @@ def loss_mask(row: dict, tokenizer: PreTrainedTokenizerBase, loss_mode: str) -> 
         encoded = tokenizer.apply_chat_template(row["messages"], return_assistant_tokens_mask=True, return_dict=True)
         return list(encoded["input_ids"]), list(encoded["assistant_masks"])
     if loss_mode == "completion":
-        if isinstance(row["prompt"], list):
-            prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_dict=True)
-            prompt_length = len(prompt["input_ids"])
-        else:
-            prompt_length = len(tokenizer(row["prompt"])["input_ids"])
+        prompt_length = len(render_prompt_ids(tokenizer, row))
         return ids, [0] * prompt_length + [1] * (len(ids) - prompt_length)
     return ids, [1] * len(ids)
 

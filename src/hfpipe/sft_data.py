@@ -20,6 +20,7 @@ from typing import Any
 from datasets import Dataset, concatenate_datasets, load_dataset
 from transformers import PreTrainedTokenizerBase
 
+from hfpipe.chat_templates import render_ids, render_prompt_ids
 from hfpipe.data import BUILDERS, load_files, load_hub, resolve_files
 from hfpipe.errors import DataError
 
@@ -184,27 +185,7 @@ def mix(converted: list[Dataset], fractions: list[float | None]) -> list[Dataset
 
 def rendered_lengths(dataset: Dataset, tokenizer: PreTrainedTokenizerBase) -> list[tuple[int, int]]:
     """(prompt tokens, total tokens) per converted row, as the chat template or plain text renders it."""
-    lengths = []
-    for row in dataset:
-        if "text" in row and row.get("text") is not None:
-            lengths.append((0, len(tokenizer(row["text"])["input_ids"]) + 1))
-            continue
-        if "messages" in row and row.get("messages") is not None:
-            prompt_ids = tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True)
-            full_ids = tokenizer.apply_chat_template(row["messages"])
-        elif isinstance(row["prompt"], list):
-            prompt_ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True)
-            full_ids = tokenizer.apply_chat_template(row["prompt"] + row["completion"])
-        else:
-            prompt_ids = tokenizer(row["prompt"])["input_ids"]
-            full_ids = tokenizer(row["prompt"] + row["completion"])["input_ids"] + [tokenizer.eos_token_id]
-        lengths.append((len(_ids(prompt_ids)), len(_ids(full_ids))))
-    return lengths
-
-
-def _ids(encoded: Any) -> list[int]:
-    # apply_chat_template returns a list, or a BatchEncoding in newer transformers
-    return encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
+    return [(len(render_prompt_ids(tokenizer, row)), len(render_ids(tokenizer, row))) for row in dataset]
 
 
 def concatenate(parts: list[Dataset]) -> Dataset:
