@@ -1,8 +1,10 @@
-"""The `hfpipe` command: check configs and prepare the shipped data (more tools arrive with later recipes)."""
+"""The `hfpipe` command: check configs, prepare the shipped data, and the after-training tools."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,24 @@ RECIPES: dict[str, Callable[[], tuple[Callable[..., ParsedConfig], Callable[[Par
     "pretrain": _pretrain_parsers,
     "sft": _sft_parsers,
 }
+
+
+# After-training tools: name -> (module with add_arguments(parser) and run(args), help). A tool's module is
+# imported only when that tool runs, to keep `hfpipe --help` and `hfpipe check` fast.
+TOOLS: dict[str, tuple[str, str]] = {
+    "generate": ("hfpipe.generation", "generate text from a model dir, an adapter dir or a Hub id"),
+    "chat": ("hfpipe.chat", "chat with a model in the terminal"),
+    "serve": ("hfpipe.serve", "serve a model over an OpenAI-compatible HTTP API"),
+    "eval": ("hfpipe.evaluation", "perplexity, multiple-choice and preference accuracy of a model"),
+}
+
+
+def run_tool(name: str, argv: Sequence[str]) -> None:
+    """Parse a tool's own flags and run it."""
+    module = importlib.import_module(TOOLS[name][0])
+    parser = argparse.ArgumentParser(prog=f"hfpipe {name}", description=module.__doc__)
+    module.add_arguments(parser)
+    module.run(parser.parse_args(argv))
 
 
 def check(config: Path, recipe: str | None, overrides: Sequence[str], show_samples: int = 0) -> None:
@@ -94,8 +114,14 @@ def prepare_data(name: str, destination: Path) -> None:
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `hfpipe` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TOOLS:
+        run_tool(argv[0], argv[1:])
+        return
     parser = argparse.ArgumentParser(prog="hfpipe", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    for name, (_, help_text) in TOOLS.items():
+        commands.add_parser(name, help=help_text, add_help=False)
     check_parser = commands.add_parser("check", help="validate a config and print its resolved settings")
     check_parser.add_argument("config", type=Path)
     check_parser.add_argument("--recipe", help="recipe name when the config's first line does not say")

@@ -1,0 +1,103 @@
+"""Load a trained model for the after-training tools: a full model dir, an adapter dir (loaded onto its base),
+a .gguf file or package-shipped model, or a Hub id; and find the latest finished run under outputs/."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from hfpipe.errors import ConfigError
+from hfpipe.modeling import load_causal_lm, load_tokenizer_from, looks_local
+
+ADAPTER_CONFIG = "adapter_config.json"
+# Later stages first: with no model named, the tools pick the newest run of the latest stage.
+STAGE_ORDER = ("dpo", "sft", "pretrain")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for generation, with its tokenizer and where it came from."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    path: str  # what the user named
+    base: str | None  # the base model dir or id when `path` is an adapter
+
+
+def adapter_base(model_dir: Path) -> str | None:
+    """Return the base model an adapter dir was trained on, None when `model_dir` holds no adapter."""
+    config_path = model_dir / ADAPTER_CONFIG
+    if not config_path.is_file():
+        return None
+    base = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"{config_path}: base_model_name_or_path is missing; the adapter's base is unknown.")
+    return str(base)
+
+
+def check_model_source(name: str) -> str:
+    """Return the loadable form of `name` (a .gguf or package-shipped model is converted once); stop with one line
+    when a local path is missing, is not a model dir, or is an adapter whose base cannot be found."""
+    from hfpipe.data import cache_root
+    from hfpipe.gguf import resolve_model_path
+
+    resolved = resolve_model_path(name, cache_root())
+    if not looks_local(resolved):
+        return resolved  # a Hub id: from_pretrained reports what is wrong with it
+    path = Path(resolved).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"{name}: no such model directory. Give a run's output dir, a .gguf file or a Hub id.")
+    base = adapter_base(path)
+    if base is None:
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{name}: not a model dir (no config.json or {ADAPTER_CONFIG}).")
+    elif looks_local(base) and not Path(base).expanduser().is_dir():
+        raise ConfigError(
+            f"{name}: the adapter's base model '{base}' (base_model_name_or_path in {ADAPTER_CONFIG}) is not a "
+            "directory. Restore the base model there or edit that field."
+        )
+    return str(path)
+
+
+def load_for_inference(
+    name: str, dtype: str | None = None, device: str | None = None, trust_remote_code: bool = False
+) -> LoadedModel:
+    """Load a model and tokenizer for generation or evaluation, in eval mode on `device` (GPU when present).
+
+    An adapter dir is loaded onto its base and merged, so generation runs at the base model's speed.
+    """
+    from peft import PeftModel
+
+    path = check_model_source(name)
+    base = adapter_base(Path(path)) if looks_local(path) else None
+    model = load_causal_lm(base or path, "main", dtype, None, trust_remote_code)
+    if base is not None:
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    tokenizer = load_tokenizer_from(path, "model", trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # batched generation needs a pad; GPT-2 ships none
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.eval()
+    return LoadedModel(model, tokenizer, name, base)
+
+
+def latest_finished_run(outputs_dir: Path = Path("outputs")) -> tuple[Path, str]:
+    """Return the newest finished run of the latest stage under `outputs_dir` (DPO over SFT over pretrain) and
+    its stage; raise ConfigError when there is none."""
+    from hfpipe.config import recipe_of
+    from hfpipe.run import METRICS_FILE
+
+    finished: dict[str, list[Path]] = {stage: [] for stage in STAGE_ORDER}
+    for metrics in outputs_dir.glob(f"**/{METRICS_FILE}"):
+        run_dir = metrics.parent
+        stage = recipe_of(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+        if stage in finished:
+            finished[stage].append(run_dir)
+    for stage in STAGE_ORDER:
+        if finished[stage]:
+            return max(finished[stage], key=lambda run: (run / METRICS_FILE).stat().st_mtime), stage
+    raise ConfigError(f"{outputs_dir}: no finished run found. Name a model dir, or train one first.")
