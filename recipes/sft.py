@@ -24,7 +24,7 @@ from hfpipe.finetuning import (
     greedy_stop_rate,
     length_report,
     load_model,
-    load_sft_splits,
+    load_splits,
     load_tokenizer,
     lora_config,
     parse_sft,
@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
         set_seed(training_args.seed)
         tokenizer, template_choice, model_path = load_tokenizer(parsed)
-        splits, table = load_sft_splits(parsed, tokenizer, run_args.smoke)
+        splits, table = load_splits(parsed, tokenizer, run_args.smoke)
     splits["train"], lengths = length_report(
         splits["train"], tokenizer, training_args.max_length, data_args.skip_bad_rows, "training rows"
     )

@@ -95,9 +95,9 @@ class RemoteCodeArguments:
 
 
 @dataclass
-class SFTArguments:
-    """hfpipe's SFT keys beside SFTConfig's: where the rows come from (besides TRL's `datasets` mixture and
-    `test_split_size`), how they are checked and rendered, merging, and the loss implementation."""
+class TuningArguments:
+    """hfpipe's keys shared by the SFT and DPO recipes: where the rows come from (besides TRL's `datasets` mixture
+    and `test_split_size`), how they are checked and rendered, and merging a trained adapter."""
 
     train_files: list[str] | None = field(
         default=None, metadata={"help": "Local .jsonl/.json/.csv/.parquet files or globs to fine-tune on."}
@@ -123,6 +123,12 @@ class SFTArguments:
     merge_adapter: bool = field(
         default=False, metadata={"help": "After LoRA training, also save base + adapter merged into output_dir/merged."}
     )
+
+
+@dataclass
+class SFTArguments(TuningArguments):
+    """hfpipe's SFT keys beside SFTConfig's: the rows and adapter keys, and the loss implementation."""
+
     use_model_loss: bool | None = field(
         default=None,
         metadata={
@@ -183,3 +189,27 @@ def use_cpu_cores(use_cpu: bool) -> int:
         cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
         torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     return torch.get_num_threads()
+
+
+@dataclass
+class DPOArguments(TuningArguments):
+    """hfpipe's DPO keys beside DPOConfig's: the rows and adapter keys, the reference model, and what to do with an
+    SFT adapter given as model_name_or_path."""
+
+    reference: Literal["auto", "adapter", "precompute", "copy"] = field(
+        default="auto",
+        metadata={
+            "help": "Reference model: 'adapter' (LoRA: the base with the adapter disabled, no second copy), "
+            "'precompute' (reference log-probs computed once before training, no second copy), 'copy' (a frozen "
+            "second model). 'auto': adapter with LoRA, else precompute when training sees every row at least once, "
+            "else copy."
+        },
+    )
+    sft_adapter: Literal["continue", "merge"] = field(
+        default="continue",
+        metadata={
+            "help": "When model_name_or_path is an adapter dir: 'continue' trains the same adapter (its SFT state, "
+            "copied, is the reference); 'merge' merges it into its base first, then use_peft adds a new adapter "
+            "or, without use_peft, the merged model is fully fine-tuned."
+        },
+    )

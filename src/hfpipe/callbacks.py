@@ -18,11 +18,12 @@ class LogExtrasCallback(TrainerCallback):
 
     Insert it first in the callback list, so that the progress printer sees what it adds. With
     `tokens_per_step=None` it counts the real (non-padding) tokens the Trainer saw instead
-    (`include_num_input_tokens_seen: non_padding`).
+    (`include_num_input_tokens_seen: non_padding`). `perplexity=False` for losses that are not cross-entropy (DPO).
     """
 
-    def __init__(self, tokens_per_step: int | None) -> None:
+    def __init__(self, tokens_per_step: int | None, perplexity: bool = True) -> None:
         self.tokens_per_step = tokens_per_step
+        self.perplexity = perplexity
         self._tokens_seen = 0
         self.train_seconds = 0.0
         self.train_tokens = 0
@@ -65,7 +66,7 @@ class LogExtrasCallback(TrainerCallback):
         if "loss" in logs and self._window[0] > 0:
             extras["tokens_per_second"] = round(self._window[1] / self._window[0], 1)
             self._window = [0.0, 0]
-        if "eval_loss" in logs:
+        if "eval_loss" in logs and self.perplexity:
             extras["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
         logs.update(extras)
         if state.log_history:  # the Trainer appended a copy of `logs` just before calling us

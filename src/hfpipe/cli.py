@@ -88,11 +88,11 @@ def sft_preview(parsed: ParsedConfig, count: int) -> str:
     """Load the tokenizer and rows of an SFT config (no model) and render `count` training samples."""
     from trl import SFTConfig
 
-    from hfpipe.finetuning import assistant_loss_mode, length_report, load_sft_splits, load_tokenizer
+    from hfpipe.finetuning import assistant_loss_mode, length_report, load_splits, load_tokenizer
     from hfpipe.preview import show_samples
 
     tokenizer, choice, _ = load_tokenizer(parsed)
-    splits, table = load_sft_splits(parsed, tokenizer, smoke=False)
+    splits, table = load_splits(parsed, tokenizer, smoke=False)
     max_length = parsed.get(SFTConfig).max_length
     train, lengths = length_report(splits["train"], tokenizer, max_length, True, "training rows")
     mode = assistant_loss_mode(tokenizer, splits)

@@ -1,19 +1,20 @@
 """What the SFT recipe needs beyond the shared run tail: its config sections and checks, the model and
-tokenizer (local dir, Hub name, .gguf or package-shipped model), data preparation and reports, LoRA."""
+tokenizer (local dir, Hub name, .gguf or package-shipped model), data preparation and reports, LoRA.
+The DPO recipe shares the model, tokenizer, row-source and LoRA parts (they read only keys both configs have)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset, DatasetDict
 from peft import LoraConfig
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 from trl import DatasetMixtureConfig, ModelConfig, SFTConfig, get_peft_config
 
-from hfpipe.args import RunArguments, SFTArguments, device_defaults, resolve_device_settings
+from hfpipe.args import RunArguments, SFTArguments, TuningArguments, device_defaults, resolve_device_settings
 from hfpipe.callbacks import room_for
 from hfpipe.chat_templates import (
     apply_chat_template_choice,
@@ -53,10 +54,12 @@ LORA_LEARNING_RATE = 2e-4
 FULL_LEARNING_RATE = 5e-5
 
 
-def _validate(values: dict[str, Any], where: str) -> None:
+def validate_tuning(values: dict[str, Any], where: str, stage: str, learning_rates: tuple[float, float]) -> None:
+    """Checks shared by SFT and DPO configs, before anything is loaded; fills the learning rate (full, LoRA) and
+    derives output_dir and run_name (e.g. sft-pretrain-lora-r16)."""
     resolve_device_settings(values, where)
     if values.get("learning_rate") is None:
-        values["learning_rate"] = LORA_LEARNING_RATE if values.get("use_peft") else FULL_LEARNING_RATE
+        values["learning_rate"] = learning_rates[1] if values.get("use_peft") else learning_rates[0]
     if not values.get("model_name_or_path"):
         raise ConfigError(f"{where}: model_name_or_path is required: a model dir (e.g. a pretrain output) or Hub id.")
     name = values["model_name_or_path"]
@@ -70,11 +73,7 @@ def _validate(values: dict[str, Any], where: str) -> None:
             f"{where}: load_in_4bit / load_in_8bit (QLoRA) need a CUDA GPU for bitsandbytes and none was found. "
             "Use use_peft: true alone (LoRA) on this machine."
         )
-    if values.get("merge_adapter") and not values.get("use_peft"):
-        raise ConfigError(f"{where}: merge_adapter needs use_peft: true (a full fine-tune is already merged).")
     check_template_name(values.get("chat_template"), where)
-    if values.get("use_model_loss") is None:
-        values["use_model_loss"] = not torch.cuda.is_available()
     sources = [values.get("train_files"), values.get("dataset_name"), values.get("datasets")]
     if sum(bool(source) for source in sources) != 1:
         raise ConfigError(f"{where}: set exactly one of train_files, dataset_name or datasets (a mixture).")
@@ -83,7 +82,15 @@ def _validate(values: dict[str, Any], where: str) -> None:
             resolve_files(values[key], key, where)
     if not 0.0 < values["test_split_size"] < 1.0:
         raise ConfigError(f"{where}: test_split_size: must be between 0 and 1 (exclusive).")
-    derive_run_settings(values, default_run_name(values), where)
+    derive_run_settings(values, default_run_name(values, stage), where)
+
+
+def _validate(values: dict[str, Any], where: str) -> None:
+    if values.get("merge_adapter") and not values.get("use_peft"):
+        raise ConfigError(f"{where}: merge_adapter needs use_peft: true (a full fine-tune is already merged).")
+    validate_tuning(values, where, "sft", (FULL_LEARNING_RATE, LORA_LEARNING_RATE))
+    if values.get("use_model_loss") is None:
+        values["use_model_loss"] = not torch.cuda.is_available()
 
 
 def _shipped_models() -> tuple[str, ...]:
@@ -92,18 +99,22 @@ def _shipped_models() -> tuple[str, ...]:
     return tuple(PACKAGED_MODELS)
 
 
-def default_run_name(values: dict[str, Any]) -> str:
-    """Name an SFT run after its model and method, e.g. sft-pretrain-lora-r16."""
+def default_run_name(values: dict[str, Any], stage: str = "sft") -> str:
+    """Name a run after its stage, model and method, e.g. sft-pretrain-lora-r16."""
     base = Path(str(values["model_name_or_path"]).rstrip("/")).name.removesuffix(".gguf")
     method = f"lora-r{values['lora_r']}" if values.get("use_peft") else "full"
-    return f"sft-{base}-{method}"
+    return f"{stage}-{base}-{method}"
 
 
 def parse_sft(argv: Sequence[str] | None = None) -> ParsedConfig:
     """Parse and check an SFT config; derive output_dir, run_name and the learning rate. Loads nothing."""
     defaults = {**SFT_DEFAULTS, "save_steps": None, "learning_rate": None, **device_defaults()}
-    parsed = parse(SFT_ARGUMENTS, argv, defaults=defaults, validate=_validate)
-    model_args, training_args = parsed.get(ModelConfig), parsed.get(SFTConfig)
+    return finish_tuning_parse(parse(SFT_ARGUMENTS, argv, defaults=defaults, validate=_validate))
+
+
+def finish_tuning_parse(parsed: ParsedConfig) -> ParsedConfig:
+    """Fix-ups after parsing an SFT or DPO config that cannot be expressed as defaults."""
+    model_args, training_args = parsed.get(ModelConfig), parsed.get(TrainingArguments)
     if "include_num_input_tokens_seen" not in parsed.user_keys:
         # Real (non-padding) tokens for tokens/s; set here because argparse would read the default as a bool.
         training_args.include_num_input_tokens_seen = "non_padding"
@@ -130,18 +141,18 @@ def load_tokenizer(parsed: ParsedConfig) -> tuple[PreTrainedTokenizerBase, str, 
     (a .gguf file or package-shipped model is converted once to a model dir)."""
     from hfpipe.gguf import resolve_model_path
 
-    model_args, training_args = parsed.get(ModelConfig), parsed.get(SFTConfig)
+    model_args, training_args = parsed.get(ModelConfig), parsed.get(TrainingArguments)
     name = resolve_model_path(model_args.model_name_or_path, cache_root())
     tokenizer = load_tokenizer_from(
         name, "model_name_or_path", model_args.model_revision, training_args.trust_remote_code
     )
-    choice = apply_chat_template_choice(parsed.get(SFTArguments).chat_template, tokenizer)
+    choice = apply_chat_template_choice(parsed.get(TuningArguments).chat_template, tokenizer)
     return tokenizer, choice, name
 
 
 def load_model(parsed: ParsedConfig, name: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """Load the model to fine-tune, sized and configured for `tokenizer` (added tokens, EOS, pad)."""
-    model_args, training_args = parsed.get(ModelConfig), parsed.get(SFTConfig)
+    model_args, training_args = parsed.get(ModelConfig), parsed.get(TrainingArguments)
     model = load_causal_lm(
         name,
         model_args.model_revision,
@@ -167,19 +178,32 @@ def lora_config(parsed: ParsedConfig, model: PreTrainedModel) -> LoraConfig | No
     return peft_config
 
 
-def load_sft_splits(parsed: ParsedConfig, tokenizer: PreTrainedTokenizerBase, smoke: bool) -> tuple[DatasetDict, str]:
+# Validates and converts one source: returns its rows in TRL's format, the format's name and the rows skipped.
+RowPreparer = Callable[[Source, bool, TuningArguments], tuple[Dataset, str, int]]
+
+
+def prepare_sft_rows(source: Source, chat: bool, data_args: TuningArguments) -> tuple[Dataset, str, int]:
+    """SFT's row preparer: text, instruction, messages or prompt/completion rows."""
+    return prepare_source(source, chat, data_args.system_prompt, data_args.skip_bad_rows)
+
+
+def load_splits(
+    parsed: ParsedConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    smoke: bool,
+    prepare: RowPreparer = prepare_sft_rows,
+    count_tokens: Callable[[Dataset], int] | None = None,
+) -> tuple[DatasetDict, str]:
     """Load, validate, convert and mix the training rows; split off validation rows when none are given.
 
     Returns the splits and a printable table of rows and tokens per source.
     """
-    data_args, mixture = parsed.get(SFTArguments), parsed.get(DatasetMixtureConfig)
+    data_args, mixture = parsed.get(TuningArguments), parsed.get(DatasetMixtureConfig)
     where = str(parsed.path)
     chat = tokenizer.chat_template is not None
 
     def convert(sources: list[Source]) -> list[tuple[Dataset, str, int]]:
-        prepared = [
-            prepare_source(source, chat, data_args.system_prompt, data_args.skip_bad_rows) for source in sources
-        ]
+        prepared = [prepare(source, chat, data_args) for source in sources]
         for source, (_, _, skipped) in zip(sources, prepared, strict=True):
             if skipped:
                 print(f"warning: {source.name}: skipped {skipped} rows that cannot be trained on (skip_bad_rows: true)")
@@ -188,13 +212,14 @@ def load_sft_splits(parsed: ParsedConfig, tokenizer: PreTrainedTokenizerBase, sm
     sources = _train_sources(data_args, mixture, where)
     prepared = convert(sources)
     parts = mix([dataset for dataset, _, _ in prepared], [source.fraction for source in sources])
-    table = source_table(sources, [row_format for _, row_format, _ in prepared], parts, tokenizer)
+    count_tokens = count_tokens or (lambda part: sum(total for _, total in rendered_lengths(part, tokenizer)))
+    table = source_table(sources, [row_format for _, row_format, _ in prepared], parts, count_tokens)
     train = concatenate(parts)
     validation_sources = _validation_sources(data_args, where)
     if validation_sources:
         validation = concatenate([dataset for dataset, _, _ in convert(validation_sources)])
     else:
-        split = train.train_test_split(test_size=mixture.test_split_size, seed=parsed.get(SFTConfig).seed)
+        split = train.train_test_split(test_size=mixture.test_split_size, seed=parsed.get(TrainingArguments).seed)
         train, validation = split["train"], split["test"]
     splits = DatasetDict({"train": train, "validation": validation})
     if smoke:
@@ -202,7 +227,7 @@ def load_sft_splits(parsed: ParsedConfig, tokenizer: PreTrainedTokenizerBase, sm
     return splits, table
 
 
-def _train_sources(data_args: SFTArguments, mixture: DatasetMixtureConfig, where: str) -> list[Source]:
+def _train_sources(data_args: TuningArguments, mixture: DatasetMixtureConfig, where: str) -> list[Source]:
     if data_args.train_files:
         return [Source(path, load_source(path, where)) for path in data_args.train_files]
     if data_args.dataset_name:
@@ -224,7 +249,7 @@ def _train_sources(data_args: SFTArguments, mixture: DatasetMixtureConfig, where
     ]
 
 
-def _validation_sources(data_args: SFTArguments, where: str) -> list[Source]:
+def _validation_sources(data_args: TuningArguments, where: str) -> list[Source]:
     if data_args.validation_files:
         return [Source(path, load_source(path, where)) for path in data_args.validation_files]
     if data_args.dataset_name and data_args.dataset_test_split:
@@ -232,16 +257,16 @@ def _validation_sources(data_args: SFTArguments, where: str) -> list[Source]:
     return []
 
 
-def _hub_source(data_args: SFTArguments, split: str, where: str) -> Source:
+def _hub_source(data_args: TuningArguments, split: str, where: str) -> Source:
     name = data_args.dataset_name
     return Source(name, load_source(name, where, name=data_args.dataset_config, split=split))
 
 
 def source_table(
-    sources: list[Source], formats: list[str], parts: list[Dataset], tokenizer: PreTrainedTokenizerBase
+    sources: list[Source], formats: list[str], parts: list[Dataset], count_tokens: Callable[[Dataset], int]
 ) -> str:
     """Rows, tokens and share per source of the training mixture."""
-    token_counts = [sum(total for _, total in rendered_lengths(part, tokenizer)) for part in parts]
+    token_counts = [count_tokens(part) for part in parts]
     all_rows = sum(len(part) for part in parts) or 1
     lines = [f"{'source':<48} {'format':<18} {'rows':>7} {'share':>6} {'tokens':>9}"]
     for source, fmt, part, tokens in zip(sources, formats, parts, token_counts, strict=True):

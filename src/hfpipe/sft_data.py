@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,15 +58,21 @@ def detect_format(columns: list[str], source: str) -> str:
     )
 
 
-def _nonempty(value: Any) -> bool:
+def nonempty_text(value: Any) -> bool:
+    """True for a string with something besides whitespace."""
     return isinstance(value, str) and value.strip() != ""
 
 
-def _check_messages(messages: Any, field: str) -> str | None:
+def messages_problem(messages: Any, field: str) -> str | None:
+    """Describe what is wrong with a list of {role, content} messages, or None."""
     if not isinstance(messages, list) or not messages:
         return f"'{field}' must be a non-empty list of {{role, content}} messages"
     for turn, message in enumerate(messages, start=1):
-        if not isinstance(message, dict) or message.get("role") not in ROLES or not _nonempty(message.get("content")):
+        if (
+            not isinstance(message, dict)
+            or message.get("role") not in ROLES
+            or not nonempty_text(message.get("content"))
+        ):
             return f"'{field}' message {turn} needs a role ({', '.join(ROLES)}) and non-empty content"
     return None
 
@@ -73,21 +80,21 @@ def _check_messages(messages: Any, field: str) -> str | None:
 def row_problem(row: dict[str, Any], row_format: str) -> str | None:
     """Describe what is wrong with one row, or None when it can be trained on."""
     if row_format == "text":
-        return None if _nonempty(row.get("text")) else "'text' is empty"
+        return None if nonempty_text(row.get("text")) else "'text' is empty"
     if row_format == "instruction":
         output = row.get("output", row.get("response"))
-        if not _nonempty(row.get("instruction")):
+        if not nonempty_text(row.get("instruction")):
             return "'instruction' is empty"
-        return None if _nonempty(output) else "'output' is empty"
+        return None if nonempty_text(output) else "'output' is empty"
     if row_format == "messages":
-        problem = _check_messages(row["messages"], "messages")
+        problem = messages_problem(row["messages"], "messages")
         if problem is None and row["messages"][-1]["role"] != "assistant":
             return "the last message must be the assistant's (it is what the model learns to write)"
         return problem
     for field in ("prompt", "completion"):
         value = row.get(field)
-        problem = _check_messages(value, field) if isinstance(value, list) else None
-        if problem or (not isinstance(value, list) and not _nonempty(value)):
+        problem = messages_problem(value, field) if isinstance(value, list) else None
+        if problem or (not isinstance(value, list) and not nonempty_text(value)):
             return problem or f"'{field}' is empty"
     return None
 
@@ -135,16 +142,7 @@ def prepare_source(
                 f"{source.name}: conversation rows need a chat template and the tokenizer has none. "
                 "Set chat_template: chatml (or a .jinja file)."
             )
-    bad = [(index, problem) for index, row in enumerate(dataset) if (problem := row_problem(row, row_format))]
-    if bad and not skip_bad_rows:
-        index, problem = bad[0]
-        more = f" ({len(bad) - 1} more rows have problems)" if len(bad) > 1 else ""
-        raise DataError(
-            f"{source.name}: row {index + 1}: {problem}{more}. "
-            "Fix the row, or set skip_bad_rows: true to skip such rows."
-        )
-    if bad:
-        dataset = dataset.select(sorted(set(range(len(dataset))) - {index for index, _ in bad}))
+    dataset, skipped = drop_bad_rows(dataset, lambda row: row_problem(row, row_format), source.name, skip_bad_rows)
     converted = dataset.map(
         lambda row: convert_row(row, row_format, chat, system_prompt),
         remove_columns=dataset.column_names,
@@ -152,7 +150,24 @@ def prepare_source(
     )
     if len(converted) == 0:
         raise DataError(f"{source.name}: no usable rows.")
-    return converted, row_format, len(bad)
+    return converted, row_format, skipped
+
+
+def drop_bad_rows(
+    dataset: Dataset, problem_of: Callable[[dict[str, Any]], str | None], source: str, skip_bad_rows: bool
+) -> tuple[Dataset, int]:
+    """Stop at the first row `problem_of` finds fault with (naming the source and row, 1-based), or with
+    `skip_bad_rows` drop every such row; return the kept rows and how many were dropped."""
+    bad = [(index, problem) for index, row in enumerate(dataset) if (problem := problem_of(row))]
+    if bad and not skip_bad_rows:
+        index, problem = bad[0]
+        more = f" ({len(bad) - 1} more rows have problems)" if len(bad) > 1 else ""
+        raise DataError(
+            f"{source}: row {index + 1}: {problem}{more}. Fix the row, or set skip_bad_rows: true to skip such rows."
+        )
+    if bad:
+        dataset = dataset.select(sorted(set(range(len(dataset))) - {index for index, _ in bad}))
+    return dataset, len(bad)
 
 
 def load_source(path: str, where: str, **hub_options: Any) -> Dataset:

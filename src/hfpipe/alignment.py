@@ -1,0 +1,212 @@
+"""What the DPO recipe needs beyond the shared run tail and the parts it shares with SFT: its config sections
+and checks, the policy (a model dir, or an SFT adapter dir continued or merged), the choice of reference model,
+preference rows, and the held-out reward metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from trl import DatasetMixtureConfig, DPOConfig, ModelConfig
+
+from hfpipe.args import DPOArguments, RunArguments, TuningArguments, device_defaults
+from hfpipe.chat_templates import render_ids, render_prompt_ids
+from hfpipe.config import ParsedConfig, parse
+from hfpipe.errors import ConfigError
+from hfpipe.finetuning import SFT_DEFAULTS, finish_tuning_parse, load_model, lora_config, validate_tuning
+from hfpipe.inference import adapter_base
+from hfpipe.modeling import looks_local
+from hfpipe.preference_data import check_pair_lengths, prepare_preference_rows
+from hfpipe.sft_data import Source
+
+DPO_ARGUMENTS = (DPOConfig, ModelConfig, DPOArguments, DatasetMixtureConfig, RunArguments)
+
+# The SFT run conventions (no gradient checkpointing, LoRA without dropout, an evaluation before training), with
+# DPO's usual shorter lengths and the alignment-handbook learning rates (full 5e-7, LoRA 5e-6).
+DPO_DEFAULTS: dict[str, Any] = {
+    **{key: value for key, value in SFT_DEFAULTS.items() if key not in ("max_length", "num_train_epochs")},
+    "max_length": 512,
+    "num_train_epochs": 1.0,
+    "lr_scheduler_type": "linear",
+    "warmup_steps": 0.1,
+}
+DPO_LEARNING_RATES = (5e-7, 5e-6)  # full fine-tuning, LoRA
+MERGED_SFT_DIR = "sft-merged"  # in output_dir: the SFT adapter merged into its base (sft_adapter: merge)
+REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
+
+def _validate(values: dict[str, Any], where: str) -> None:
+    validate_tuning(values, where, "dpo", DPO_LEARNING_RATES)
+    adapter_input = _is_adapter_dir(values["model_name_or_path"])
+    continuing = adapter_input and values["sft_adapter"] == "continue"
+    if continuing and values.get("use_peft"):
+        raise ConfigError(
+            f"{where}: use_peft adds a new adapter, but model_name_or_path is an adapter dir that sft_adapter: "
+            "continue keeps training. Remove use_peft, or set sft_adapter: merge to merge it and add a new one."
+        )
+    lora = bool(values.get("use_peft")) or continuing
+    if values.get("merge_adapter") and not lora:
+        raise ConfigError(f"{where}: merge_adapter needs an adapter (use_peft: true, or an SFT adapter to continue).")
+    reference = values["reference"]
+    if reference == "adapter" and not values.get("use_peft"):
+        raise ConfigError(
+            f"{where}: reference: adapter needs use_peft: true (the base with the new adapter disabled is the "
+            "reference). Use reference: auto, precompute or copy."
+        )
+    if values.get("precompute_ref_log_probs") and reference in ("adapter", "copy"):
+        raise ConfigError(
+            f"{where}: precompute_ref_log_probs: true contradicts reference: {reference}; keep one of them."
+        )
+
+
+def _is_adapter_dir(name: str) -> bool:
+    return looks_local(name) and adapter_base(Path(name).expanduser()) is not None
+
+
+def parse_dpo(argv: Sequence[str] | None = None) -> ParsedConfig:
+    """Parse and check a DPO config; derive output_dir, run_name and the learning rate. Loads nothing."""
+    defaults = {**DPO_DEFAULTS, "save_steps": None, "learning_rate": None, **device_defaults()}
+    return finish_tuning_parse(parse(DPO_ARGUMENTS, argv, defaults=defaults, validate=_validate))
+
+
+def resolved_settings(parsed: ParsedConfig) -> dict[str, Any]:
+    """What the user wrote plus what hfpipe derived."""
+    training_args = parsed.get(DPOConfig)
+    return {
+        **parsed.user_keys,
+        "output_dir": training_args.output_dir,
+        "run_name": training_args.run_name,
+        "bf16": training_args.bf16,
+        "learning_rate": training_args.learning_rate,
+        "reference": parsed.get(DPOArguments).reference,
+    }
+
+
+def preference_preparer(tokenizer: PreTrainedTokenizerBase, max_length: int):
+    """The row preparer for `finetuning.load_splits`: preference rows converted, then checked against max_length
+    per source, so that an error names the file and row."""
+
+    def prepare(source: Source, chat: bool, data_args: TuningArguments) -> tuple[Dataset, str, int]:
+        converted, row_format, skipped = prepare_preference_rows(source, chat, data_args)
+        converted, _ = check_pair_lengths(converted, tokenizer, max_length, data_args.skip_bad_rows, source.name)
+        return converted, row_format, skipped
+
+    return prepare
+
+
+def count_pair_tokens(tokenizer: PreTrainedTokenizerBase, max_length: int):
+    """Token counter for the source table: prompt + chosen + prompt + rejected per row."""
+    return lambda dataset: check_pair_lengths(dataset, tokenizer, max_length, True, "")[1]
+
+
+@dataclass
+class Policy:
+    """The model DPO trains, the adapter config to add (if any), the reference model and why it was chosen."""
+
+    model: PreTrainedModel
+    peft_config: LoraConfig | None
+    ref_model: PreTrainedModel | None
+    reference: str
+    why: str
+
+
+def load_policy(parsed: ParsedConfig, name: str, tokenizer: PreTrainedTokenizerBase, train_rows: int) -> Policy:
+    """Load the policy and pick the reference model (the lightest valid option unless the config names one).
+
+    An SFT adapter dir is loaded onto its base: continued (TRL copies it as a frozen 'ref' adapter, the reference)
+    or merged first. With use_peft the reference is the same weights with the new adapter disabled; with full
+    fine-tuning it is precomputed log-probs (no second model) when training sees every row at least once, else a
+    frozen copy (precomputing rows never trained on would cost more than it saves).
+    """
+    dpo_args, training_args = parsed.get(DPOArguments), parsed.get(DPOConfig)
+    base = adapter_base(Path(name)) if looks_local(name) else None
+    model = load_model(parsed, base or name, tokenizer)
+    if base is not None:
+        if dpo_args.sft_adapter == "continue":
+            model = PeftModel.from_pretrained(model, name, is_trainable=True)
+            why = "the SFT adapter is trained further; TRL keeps its starting state as a frozen 'ref' adapter"
+            return Policy(model, None, None, "sft adapter copy", why)
+        model = PeftModel.from_pretrained(model, name).merge_and_unload()
+        # The merged SFT model is the base of whatever is trained next: save it, so that a new adapter names a base
+        # that exists (PEFT records the model's name_or_path as the adapter's base).
+        merged_dir = Path(training_args.output_dir) / MERGED_SFT_DIR
+        if training_args.process_index == 0 and not (merged_dir / "config.json").is_file():
+            model.save_pretrained(merged_dir)
+            tokenizer.save_pretrained(merged_dir)
+        model.name_or_path = str(merged_dir)
+    peft_config = lora_config(parsed, model)
+    choice = dpo_args.reference
+    if training_args.precompute_ref_log_probs:
+        choice = "precompute"
+    if choice == "auto":
+        if peft_config is not None:
+            choice, why = "adapter", "LoRA: the policy with its adapter disabled is the reference, no second copy"
+        elif _rows_seen(training_args, train_rows) >= train_rows:
+            choice, why = "precompute", "full fine-tuning that sees every row: reference log-probs computed once"
+        else:
+            choice, why = "copy", "full fine-tuning on part of the rows: a frozen copy scores only the rows trained on"
+    else:
+        why = "set in the config"
+    ref_model = None
+    if choice == "copy":
+        # Passed explicitly: without it DPOTrainer re-creates it from config._name_or_path, which fails for local dirs.
+        ref_model = load_model(parsed, base or name, tokenizer)
+        if base is not None:
+            ref_model = PeftModel.from_pretrained(ref_model, name).merge_and_unload()
+        ref_model.eval().requires_grad_(False)
+    training_args.precompute_ref_log_probs = choice == "precompute"
+    return Policy(model, peft_config, ref_model, choice, why)
+
+
+def _rows_seen(training_args: DPOConfig, train_rows: int) -> float:
+    if training_args.max_steps and training_args.max_steps > 0:
+        per_step = (
+            training_args.per_device_train_batch_size
+            * training_args.gradient_accumulation_steps
+            * training_args.world_size
+        )
+        return training_args.max_steps * per_step
+    return training_args.num_train_epochs * train_rows
+
+
+def reward_metrics_at_start(log_history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Held-out rewards, accuracy and log-probs at the evaluation before training (the final ones are the eval_*
+    metrics), for metrics.json.
+
+    At step 0 the policy equals the reference, so every implicit reward is 0 and TRL's accuracy (chosen strictly
+    above rejected) is 0; the policy's own preference (log-likelihood of chosen above rejected) is the meaningful
+    "before" figure and is reported beside it.
+    """
+    first = next((entry for entry in log_history if "eval_rewards/accuracies" in entry), None)
+    if first is None or first.get("step") != 0:
+        return {}
+    keys = (*REWARD_KEYS, "logps/chosen", "logps/rejected")
+    return {f"eval_{key}_at_start": first[f"eval_{key}"] for key in keys if f"eval_{key}" in first}
+
+
+@torch.no_grad()
+def policy_preference_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Dataset) -> float:
+    """Fraction of converted preference rows whose chosen answer the model finds more likely than the rejected one
+    (summed log-probabilities of the answer tokens given the prompt, rendered as TRL renders them)."""
+    was_training = model.training
+    model.eval()
+    wins = 0
+    for row in rows:
+        scores = []
+        for answer in ("chosen", "rejected"):
+            pair = {"prompt": row["prompt"], "completion": row[answer]}
+            ids = torch.tensor([render_ids(tokenizer, pair)], device=model.device)
+            start = len(render_prompt_ids(tokenizer, pair))
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            log_probs = torch.log_softmax(logits[0, :-1].float(), dim=-1)
+            token_log_probs = log_probs.gather(1, ids[0, 1:, None])[start - 1 :]
+            scores.append(token_log_probs.sum().item())
+        wins += scores[0] > scores[1]
+    model.train(was_training)
+    return wins / max(1, len(rows))
