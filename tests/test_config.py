@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, write_config
 
+from hfpipe.alignment import parse_dpo
 from hfpipe.cli import main as hfpipe_main
 from hfpipe.config import recipe_of
 from hfpipe.finetuning import parse_sft
@@ -34,7 +35,7 @@ def test_every_shipped_config_starts_with_its_command(path: Path) -> None:
 @pytest.mark.parametrize("path", RECIPE_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_recipe_config_parses(path: Path, monkeypatch: pytest.MonkeyPatch, tiny_gpt2_dir: Path) -> None:
     monkeypatch.chdir(ROOT)
-    parse = {"pretrain": parse_pretrain, "sft": parse_sft}[recipe_of(path)]
+    parse = {"pretrain": parse_pretrain, "sft": parse_sft, "dpo": parse_dpo}[recipe_of(path)]
     flags = ["--output_dir", "/nonexistent/run"]
     if "model_name_or_path: outputs/" in path.read_text():  # an earlier stage's output, absent in a fresh clone
         flags += ["--model_name_or_path", str(tiny_gpt2_dir)]

@@ -27,10 +27,17 @@ def _sft_parsers() -> tuple[Callable[..., ParsedConfig], Callable[[ParsedConfig]
     return parse_sft, resolved_settings
 
 
+def _dpo_parsers() -> tuple[Callable[..., ParsedConfig], Callable[[ParsedConfig], dict[str, Any]]]:
+    from hfpipe.alignment import parse_dpo, resolved_settings
+
+    return parse_dpo, resolved_settings
+
+
 # Recipe name -> loader of (parse, resolved settings); imported lazily to keep `hfpipe --help` fast.
 RECIPES: dict[str, Callable[[], tuple[Callable[..., ParsedConfig], Callable[[ParsedConfig], dict[str, Any]]]]] = {
     "pretrain": _pretrain_parsers,
     "sft": _sft_parsers,
+    "dpo": _dpo_parsers,
 }
 
 
