@@ -1,0 +1,291 @@
+"""Serve a model over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions and /v1/models, with
+streaming as server-sent events, so that the openai client, LangChain or Semantic Kernel can talk to it.
+
+  hfpipe serve outputs/quickstart/sft --port 8000
+  then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused").chat.completions.create(model="sft", ...)
+
+Requests name the served model id (--model-id, default the model dir's name); any other id is a 404
+model_not_found, as with OpenAI. Chat messages are rendered with the tokenizer's chat template, or without one in
+hfpipe's '### Instruction:' layout. Decoding is greedy unless the request sets a temperature above 0 or a top_p.
+One generation runs at a time; other requests wait their turn. On SIGTERM or Ctrl+C, waiting requests get a 503,
+the running generation gets 5 s to finish (then it is cut: a 503, or an error event in a stream), and the server
+exits with code 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from hfpipe.errors import ConfigError
+
+# At module level (pydantic only, no torch): FastAPI resolves a route's (string) annotations in these globals.
+from hfpipe.openai_schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationRequest,
+    RequestError,
+    check_request,
+    chunk,
+    error_body,
+    model_object,
+    new_id,
+    response,
+    usage,
+    usage_chunk,
+    validation_error,
+)
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from uvicorn import Config
+
+    from hfpipe.inference import LoadedModel
+    from hfpipe.serving import Job, ModelWorker
+
+DEFAULT_MAX_NEW_TOKENS = 256
+GENERATION_GRACE_SECONDS = 5  # after SIGTERM the running generation may finish within this; then it is cut
+# uvicorn cancels requests still open this long after SIGTERM (with tracebacks); the cut above comes first
+GRACEFUL_SHUTDOWN_SECONDS = GENERATION_GRACE_SECONDS + 5
+logger = logging.getLogger("uvicorn.error")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `hfpipe serve`."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument(
+        "model",
+        nargs="?",
+        help="a run's output dir, an adapter dir, a .gguf file or packaged model name, or a Hub id "
+        "(default: the newest finished run under outputs/)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    parser.add_argument("--model-id", help="the model id clients send and /v1/models lists (default: the dir's name)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        help=f"new tokens when a request sets no max_tokens (default: {DEFAULT_MAX_NEW_TOKENS}, within the context)",
+    )
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Validate the flags before anything is loaded; the port must be free."""
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port}: must be between 1 and 65535.")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be greater than 0.")
+    if args.model_id is not None and not args.model_id.strip():
+        raise ConfigError("--model-id: must not be empty.")
+    check_port_free(args.host, args.port)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise a ConfigError when nothing can listen on host:port (in use, or an address not on this machine)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror:
+        raise ConfigError(f"--host {host}: not a known address.") from None
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is not "in use"
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({error.strerror}).") from None
+
+
+def default_model_id(name: str) -> str:
+    """The id served when --model-id is not given: a local dir's (or .gguf file's) name, else `name` itself."""
+    path = Path(name).expanduser()
+    if path.exists():
+        path = path.resolve()
+        return path.stem if path.suffix == ".gguf" else path.name
+    return name
+
+
+def start_line(host: str, port: int, model_id: str) -> str:
+    """The line printed at start: where the API is, the model id, and a request to try."""
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
+    body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32})
+    return (
+        f"Serving '{model_id}' at {url} (OpenAI-compatible). "
+        f"Try: curl {url}/chat/completions -H 'Content-Type: application/json' -d '{body}'"
+    )
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    """One server-sent event."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def create_app(loaded: LoadedModel, model_id: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> FastAPI:
+    """The FastAPI app serving `loaded` as `model_id` with OpenAI's routes; `max_new_tokens` applies to requests
+    without max_tokens. Its lifespan's end stops running generations and the generation thread."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    from hfpipe.serving import ModelWorker, prepare_job
+
+    worker = ModelWorker(loaded)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await asyncio.to_thread(worker.close)
+
+    app = FastAPI(title=f"hfpipe serve {model_id}", lifespan=lifespan)
+    app.state.worker = worker
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, error: RequestError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        return JSONResponse(validation_error(error.errors()).body(), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, error: HTTPException) -> JSONResponse:  # unknown routes, wrong methods
+        return JSONResponse(error_body(str(error.detail)), status_code=error.status_code, headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def _server_error(_: Request, error: Exception) -> JSONResponse:  # a bug: uvicorn still logs the traceback
+        return JSONResponse(error_body(f"The server failed: {error}", "server_error"), status_code=500)
+
+    def check_model(name: str) -> None:
+        if name != model_id:
+            raise RequestError(
+                f"The model '{name}' does not exist: this server serves '{model_id}' (see /v1/models).",
+                "model",
+                "model_not_found",
+                status=404,
+            )
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_object(model_id, created)]}
+
+    @app.get("/v1/models/{name:path}")
+    async def retrieve_model(name: str) -> dict[str, Any]:
+        check_model(name)
+        return model_object(model_id, created)
+
+    async def complete(kind: Literal["chat", "text"], request: GenerationRequest) -> Any:
+        check_model(request.model)
+        check_request(request)
+        job = prepare_job(loaded, request, max_new_tokens)
+        if request.stream:
+            with_usage = bool(request.stream_options and request.stream_options.include_usage)
+            events = stream_events(worker, job, kind, model_id, with_usage)
+            return StreamingResponse(events, media_type="text/event-stream")
+        return await full_response(worker, job, kind, model_id)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatCompletionRequest) -> Any:
+        return await complete("chat", request)
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest) -> Any:
+        return await complete("text", request)
+
+    return app
+
+
+async def full_response(worker: ModelWorker, job: Job, kind: Literal["chat", "text"], model_id: str) -> dict:
+    """Generate the whole answer and return it as one chat.completion or text_completion object."""
+    pieces = []
+    async for item in worker.stream(job):
+        if isinstance(item, str):
+            pieces.append(item)
+        else:
+            finish = item
+    return response(
+        kind,
+        new_id(kind),
+        model_id,
+        "".join(pieces),
+        finish.finish_reason,
+        usage(finish.prompt_tokens, finish.completion_tokens),
+    )
+
+
+async def stream_events(
+    worker: ModelWorker, job: Job, kind: Literal["chat", "text"], model_id: str, with_usage: bool
+) -> AsyncIterator[str]:
+    """Server-sent events of one streamed answer: chunks as OpenAI sends them, then `data: [DONE]`. A failure
+    after the stream has started is sent as an error event."""
+    response_id = new_id(kind)
+    if kind == "chat":
+        yield sse(chunk(kind, response_id, model_id, "", with_usage=with_usage, first=True))
+    try:
+        async for item in worker.stream(job):
+            if isinstance(item, str):
+                yield sse(chunk(kind, response_id, model_id, item, with_usage=with_usage))
+                continue
+            yield sse(chunk(kind, response_id, model_id, None, item.finish_reason, with_usage))
+            if with_usage:
+                yield sse(usage_chunk(kind, response_id, model_id, usage(item.prompt_tokens, item.completion_tokens)))
+    except RequestError as error:
+        yield sse(error.body())
+    except Exception as error:  # the response has started: report in the stream, log the traceback
+        logger.exception("generation failed")
+        yield sse(error_body(f"generation failed: {error}", "server_error"))
+    yield sse("[DONE]")
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def serve_until_stopped(app: FastAPI, config: Config) -> None:
+    """Run uvicorn until SIGTERM or Ctrl+C; at the signal, queued requests get a 503 and the running generation
+    gets GENERATION_GRACE_SECONDS to finish, so that no request is still open when uvicorn's own timeout ends."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: object) -> None:
+            super().handle_exit(sig, frame)
+            app.state.worker.begin_shutdown(GENERATION_GRACE_SECONDS)
+
+    # uvicorn re-raises the signal to the handler it found once it has shut down: exit 0 rather than die by the
+    # signal (or print a KeyboardInterrupt traceback).
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, _exit_cleanly)
+    Server(config).run()
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run `hfpipe serve`: check the flags, load the model, serve until SIGTERM or Ctrl+C."""
+    check_args(args)
+    import uvicorn
+    from transformers.utils import logging as hf_logging
+
+    from hfpipe.inference import latest_finished_run, load_for_inference
+
+    hf_logging.disable_progress_bar()
+    name = args.model
+    if name is None:
+        run_dir, stage = latest_finished_run()
+        name = str(run_dir)
+        print(f"# no model named: serving the newest finished {stage} run, {name}", flush=True)
+    loaded = load_for_inference(name)
+    model_id = args.model_id or default_model_id(name)
+    app = create_app(loaded, model_id, args.max_new_tokens)
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, log_level="info"
+    )
+    print(start_line(args.host, args.port, model_id), flush=True)
+    serve_until_stopped(app, config)
