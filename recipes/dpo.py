@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"| loss {','.join(training_args.loss_type)} | reference: {policy.reference} ({policy.why}) | "
         f"{f'CPU, {threads} threads' if training_args.use_cpu else 'accelerator'}"
     )
-    preference_before = policy_preference_accuracy(policy.model, tokenizer, splits["validation"])
+    preference_before = policy_preference_accuracy(policy.model, tokenizer, splits["validation"], max_length)
     prompts = run_args.sample_prompts or sample_prompts(splits["validation"], tokenizer)
     log_extras = LogExtrasCallback(tokens_per_step=None, perplexity=False)
     trainer = DPOTrainer(
@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     if trainer.is_world_process_zero():
         extra["heldout_policy_preference_after"] = policy_preference_accuracy(
-            trainer.model, tokenizer, splits["validation"]
+            trainer.model, tokenizer, splits["validation"], max_length
         )
         plot_rewards(trainer.state.log_history, output_dir / "rewards.png", training_args.run_name)
         if dpo_args.merge_adapter:

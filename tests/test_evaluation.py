@@ -16,7 +16,7 @@ from hfpipe.cli import main
 from hfpipe.errors import ConfigError, DataError
 from hfpipe.evaluation import EvalArguments, check_eval_args, run_evaluations
 from hfpipe.inference import LoadedModel, load_for_inference
-from hfpipe.scoring import ChoiceRow, PreferenceRow, choice_logprobs, preference_logprobs, render_response
+from hfpipe.scoring import ChoiceRow, PreferenceRow, choice_logprobs, preference_logprobs, render_preference
 
 PROSE = "The king doth speak of love and death, and the queen shall hear. "
 
@@ -161,8 +161,9 @@ def test_preference_accuracy_prefers_a_memorised_answer(tiny_gpt2_dir: Path, tmp
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
-    right = write_jsonl(tmp_path / "right.jsonl", [{"prompt": prompt, "chosen": answer, "rejected": o} for o in others])
-    wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"prompt": prompt, "chosen": o, "rejected": answer} for o in others])
+    right = [{"instruction": prompt, "chosen": answer, "rejected": o} for o in others]
+    wrong = [{"instruction": prompt, "chosen": o, "rejected": answer} for o in others]
+    right, wrong = write_jsonl(tmp_path / "right.jsonl", right), write_jsonl(tmp_path / "wrong.jsonl", wrong)
     for path, expected in ((right, 1.0), (wrong, 0.0)):
         metrics = run_evaluations(model, tokenizer, EvalArguments(eval_preference_files=[str(path)]))
         assert (metrics["pref_accuracy"], metrics["pref_accuracy_per_token"], metrics["pref_rows"]) == (
@@ -171,7 +172,8 @@ def test_preference_accuracy_prefers_a_memorised_answer(tiny_gpt2_dir: Path, tmp
             2,
         )
 
-    scores, cut = preference_logprobs(model, tokenizer, [PreferenceRow(prompt, answer, others[0])], 2, 64)
+    row = PreferenceRow({"instruction": prompt, "chosen": answer, "rejected": others[0]}, "instruction")
+    scores, cut = preference_logprobs(model, tokenizer, [row], 2, 64)
     assert cut == 0
     prompt_ids = ids_of(tokenizer, f"### Instruction:\n{prompt}\n\n### Response:\n")
     chosen = logprob_of(model, prompt_ids, ids_of(tokenizer, answer) + [tokenizer.eos_token_id])
@@ -180,14 +182,18 @@ def test_preference_accuracy_prefers_a_memorised_answer(tiny_gpt2_dir: Path, tmp
     assert scores[0][1][0] == pytest.approx(rejected, rel=1e-4)
 
 
-def test_string_prompt_is_one_user_turn_with_a_chat_template(tiny_tokenizer_dir: Path) -> None:
+def test_preference_rows_render_as_dpo_trains_on_them(tiny_tokenizer_dir: Path) -> None:
     from transformers import AutoTokenizer
 
     from hfpipe.chat_templates import CHATML
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    raw = PreferenceRow({"prompt": "Q: who?\nA:", "chosen": " Him.", "rejected": " Her."}, "prompt")
+    (prompt_ids, chosen_ids), _ = render_preference(tokenizer, raw)  # a prompt string is used as written
+    assert prompt_ids + chosen_ids == ids_of(tokenizer, "Q: who?\nA: Him.") + [tokenizer.eos_token_id]
     tokenizer.chat_template = CHATML
-    prompt_ids, response_ids = render_response(tokenizer, "Who?", "Him.")
+    row = PreferenceRow({"instruction": "Who?", "chosen": "Him.", "rejected": "Her."}, "instruction")
+    (prompt_ids, response_ids), _ = render_preference(tokenizer, row)  # an instruction is one user turn
     user = [{"role": "user", "content": "Who?"}]
     whole = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": "Him."}])
     assert prompt_ids == list(tokenizer.apply_chat_template(user, add_generation_prompt=True)["input_ids"])
@@ -319,7 +325,8 @@ def test_wrong_file_type_names_the_key(tmp_path: Path) -> None:
 
 
 def test_message_lists_need_a_chat_template(loaded: LoadedModel, tmp_path: Path) -> None:
-    row = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello.", "rejected": "Go."}
+    answers = {name: [{"role": "assistant", "content": name}] for name in ("chosen", "rejected")}
+    row = {"prompt": [{"role": "user", "content": "Hi"}], **answers}
     path = write_jsonl(tmp_path / "pref.jsonl", [row])
     with pytest.raises(DataError, match="pref.jsonl: line 1: message lists need a chat template"):
         run_evaluations(loaded.model, loaded.tokenizer, EvalArguments(eval_preference_files=[str(path)]))

@@ -9,14 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl import DatasetMixtureConfig, DPOConfig, ModelConfig
 
 from hfpipe.args import DPOArguments, RunArguments, TuningArguments, device_defaults
-from hfpipe.chat_templates import render_ids, render_prompt_ids
 from hfpipe.config import ParsedConfig, parse
 from hfpipe.errors import ConfigError
 from hfpipe.finetuning import SFT_DEFAULTS, finish_tuning_parse, load_model, lora_config, validate_tuning
@@ -190,23 +188,16 @@ def reward_metrics_at_start(log_history: list[dict[str, Any]]) -> dict[str, Any]
     return {f"eval_{key}_at_start": first[f"eval_{key}"] for key in keys if f"eval_{key}" in first}
 
 
-@torch.no_grad()
-def policy_preference_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Dataset) -> float:
+def policy_preference_accuracy(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Dataset, max_length: int
+) -> float:
     """Fraction of converted preference rows whose chosen answer the model finds more likely than the rejected one
     (summed log-probabilities of the answer tokens given the prompt, rendered as TRL renders them)."""
+    from hfpipe.scoring import PreferenceRow, preference_logprobs, preference_metrics
+
     was_training = model.training
     model.eval()
-    wins = 0
-    for row in rows:
-        scores = []
-        for answer in ("chosen", "rejected"):
-            pair = {"prompt": row["prompt"], "completion": row[answer]}
-            ids = torch.tensor([render_ids(tokenizer, pair)], device=model.device)
-            start = len(render_prompt_ids(tokenizer, pair))
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-            log_probs = torch.log_softmax(logits[0, :-1].float(), dim=-1)
-            token_log_probs = log_probs.gather(1, ids[0, 1:, None])[start - 1 :]
-            scores.append(token_log_probs.sum().item())
-        wins += scores[0] > scores[1]
+    converted = [PreferenceRow(dict(row), "prompt") for row in rows]  # converted rows are kept as they are
+    scores, _ = preference_logprobs(model, tokenizer, converted, 8, max_length)
     model.train(was_training)
-    return wins / max(1, len(rows))
+    return preference_metrics(scores)["accuracy"]

@@ -245,7 +245,8 @@ def evaluate_all(
     stride = args.eval_stride or length
     check_stride(stride, length, _label(labels, "eval_stride"))
     for row in inputs.preferences:
-        if not tokenizer.chat_template and any(isinstance(v, list) for v in (row.prompt, row.chosen, row.rejected)):
+        fields = row.fields
+        if not tokenizer.chat_template and (row.row_format == "implicit_prompt" or isinstance(fields["chosen"], list)):
             raise DataError(f"{row.origin}: message lists need a chat template and the tokenizer has none.")
     batch, results = args.eval_batch_size, []
     was_training = model.training

@@ -20,9 +20,8 @@ if TYPE_CHECKING:  # torch, transformers and datasets load inside the functions:
 # We leave it out where the row already has whitespace at the joint (an ending that starts a new line).
 TARGET_DELIMITER = " "
 CHOICE_EXAMPLE = '{"context": "...", "endings": ["...", "..."], "label": 0}'
-PREFERENCE_EXAMPLE = '{"prompt": "...", "chosen": "...", "rejected": "..."}'
+PREFERENCE_EXAMPLE = '{"instruction" (or "prompt"): "...", "chosen": "...", "rejected": "..."}'
 
-Messages = list[dict[str, str]]
 
 
 @dataclass
@@ -37,11 +36,10 @@ class ChoiceRow:
 
 @dataclass
 class PreferenceRow:
-    """A prompt with a preferred and a dispreferred response (strings or message lists)."""
+    """A preference row as written, in any format recipes/dpo.py reads, and that format."""
 
-    prompt: str | Messages
-    chosen: str | Messages
-    rejected: str | Messages
+    fields: dict[str, Any]
+    row_format: str
     origin: str = ""  # file and line, for messages
 
 
@@ -68,30 +66,15 @@ def _is_text(value: Any) -> bool:
     return isinstance(value, str) and value.strip() != ""
 
 
-def _message_problem(value: Any, name: str) -> str | None:
-    from hfpipe.sft_data import ROLES
-
-    if isinstance(value, str):
-        return None if _is_text(value) else f"'{name}' is empty"
-    if not isinstance(value, list) or not value:
-        return f"'{name}' must be a non-empty string or list of {{role, content}} messages"
-    for turn, message in enumerate(value, start=1):
-        if not isinstance(message, dict) or message.get("role") not in ROLES or not _is_text(message.get("content")):
-            return f"'{name}' message {turn} needs a role ({', '.join(ROLES)}) and non-empty content"
-    return None
-
-
 def preference_row(row: dict[str, Any]) -> PreferenceRow | str:
-    """A prompt/chosen/rejected row (strings or message lists), or what is wrong with it."""
-    for name in ("prompt", "chosen", "rejected"):
-        if name not in row:
-            return f"'{name}' is missing; rows look like {PREFERENCE_EXAMPLE}"
-        problem = _message_problem(row[name], name)
-        if problem:
-            return problem
-    if row["chosen"] == row["rejected"]:
-        return "'chosen' and 'rejected' are identical, so the row cannot tell them apart"
-    return PreferenceRow(row["prompt"], row["chosen"], row["rejected"])
+    """A preference row DPO could train on (prompt or instruction, chosen, rejected), or what is wrong with it."""
+    from hfpipe.preference_data import detect_preference_format, preference_row_problem
+
+    missing = [name for name in ("chosen", "rejected") if name not in row]
+    if missing:
+        return f"'{missing[0]}' is missing; rows look like {PREFERENCE_EXAMPLE}"
+    row_format = detect_preference_format(list(row), "row")
+    return preference_row_problem(row, row_format) or PreferenceRow(row, row_format)
 
 
 def context_length(model: PreTrainedModel) -> int | None:
@@ -234,24 +217,19 @@ def choice_metrics(rows: Sequence[ChoiceRow], logprobs: Sequence[list[float]]) -
     return {"acc": right / len(rows), "acc_norm": right_norm / len(rows)}
 
 
-def _as_messages(value: str | Messages, role: str) -> Messages:
-    return value if isinstance(value, list) else [{"role": role, "content": value}]
-
-
-def render_response(
-    tokenizer: PreTrainedTokenizerBase, prompt: str | Messages, response: str | Messages
-) -> tuple[list[int], list[int]]:
-    """Prompt ids and response ids as SFT renders a row: the tokenizer's chat template (a string prompt becomes one
-    user turn) or, without a template, hfpipe's '### Instruction:' layout with the response plus EOS."""
+def render_preference(tokenizer: PreTrainedTokenizerBase, row: PreferenceRow) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) of the chosen and of the rejected answer, rendered exactly as recipes/dpo.py
+    trains on them (its conversion rules, the chat template when the tokenizer has one, EOS after string answers)."""
     from hfpipe.chat_templates import render_ids, render_prompt_ids
-    from hfpipe.sft_data import convert_row
+    from hfpipe.preference_data import convert_preference_row
 
-    if isinstance(prompt, str) and isinstance(response, str) and not tokenizer.chat_template:
-        row: dict[str, Any] = convert_row({"instruction": prompt, "output": response}, "instruction", False, None)
-    else:
-        row = {"prompt": _as_messages(prompt, "user"), "completion": _as_messages(response, "assistant")}
-    prompt_ids = render_prompt_ids(tokenizer, row)
-    return prompt_ids, render_ids(tokenizer, row)[len(prompt_ids) :]
+    converted = convert_preference_row(row.fields, row.row_format, bool(tokenizer.chat_template), None)
+    pairs = []
+    for answer in ("chosen", "rejected"):
+        pair = {"prompt": converted["prompt"], "completion": converted[answer]}
+        prompt_ids = render_prompt_ids(tokenizer, pair)
+        pairs.append((prompt_ids, render_ids(tokenizer, pair)[len(prompt_ids) :]))
+    return pairs
 
 
 def preference_logprobs(
@@ -263,10 +241,7 @@ def preference_logprobs(
 ) -> tuple[list[tuple[tuple[float, int], tuple[float, int]]], int]:
     """Per row, (log-prob sum, tokens) of the chosen and of the rejected response given the prompt; and how many
     responses were cut to fit `max_length`."""
-    pairs = []
-    for row in rows:
-        pairs.append(render_response(tokenizer, row.prompt, row.chosen))
-        pairs.append(render_response(tokenizer, row.prompt, row.rejected))
+    pairs = [pair for row in rows for pair in render_preference(tokenizer, row)]
     scores, cut = score_pairs(model, pairs, batch_size, max_length)
     return list(zip(scores[0::2], scores[1::2], strict=True)), cut
 
