@@ -28,6 +28,7 @@ from hfpipe.alignment import (
 from hfpipe.args import DPOArguments, RunArguments, use_cpu_cores
 from hfpipe.callbacks import LogExtrasCallback, SampleCallback
 from hfpipe.errors import exit_on_user_error
+from hfpipe.evaluation import EvalArguments, evaluate_after_training
 from hfpipe.finetuning import load_splits, load_tokenizer, sample_prompts, save_merged
 from hfpipe.plots import plot_rewards
 from hfpipe.run import prepare_output_dir, save_and_evaluate, save_run_config, train, write_records
@@ -94,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         extra["heldout_policy_preference_after"] = policy_preference_accuracy(
             trainer.model, tokenizer, splits["validation"], max_length
         )
+        extra.update(evaluate_after_training(trainer, tokenizer, parsed.get(EvalArguments)))
         plot_rewards(trainer.state.log_history, output_dir / "rewards.png", training_args.run_name)
         if dpo_args.merge_adapter:
             extra["merged_model"] = str(save_merged(trainer, tokenizer, output_dir / "merged"))

@@ -17,6 +17,7 @@ from hfpipe.args import DataArguments, RunArguments, use_cpu_cores
 from hfpipe.callbacks import LogExtrasCallback, RankReportCallback, SampleCallback
 from hfpipe.data import load_raw_splits
 from hfpipe.errors import exit_on_user_error
+from hfpipe.evaluation import EvalArguments, evaluate_after_training
 from hfpipe.pretraining import (
     default_prompts,
     load_blocks,
@@ -75,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "parameters": model.num_parameters(),
         "train_tokens_per_second": round(log_extras.tokens_per_second, 1),
         "world_size": training_args.world_size,
+        **evaluate_after_training(trainer, tokenizer, parsed.get(EvalArguments)),
     }
     metrics = finish(trainer, training_args.run_name, extra)
     if metrics:

@@ -18,6 +18,7 @@ from trl import SFTConfig, SFTTrainer
 from hfpipe.args import RunArguments, SFTArguments, use_cpu_cores
 from hfpipe.callbacks import LogExtrasCallback, SampleCallback
 from hfpipe.errors import exit_on_user_error
+from hfpipe.evaluation import EvalArguments, evaluate_after_training
 from hfpipe.finetuning import (
     assistant_loss_mode,
     check_and_merge,
@@ -86,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         extra.update(check_and_merge(trainer, tokenizer, splits["train"][0], data_args.merge_adapter))
         held_out = sample_prompts(splits["validation"], tokenizer, count=16)
         extra["heldout_greedy_stops_at_eos"] = greedy_stop_rate(trainer.model, tokenizer, held_out)
+        extra.update(evaluate_after_training(trainer, tokenizer, parsed.get(EvalArguments)))
     metrics = write_records(trainer, training_args.run_name, eval_metrics, extra)
     if metrics:
         start = metrics["eval_loss_at_start"]

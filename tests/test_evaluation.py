@@ -143,7 +143,7 @@ def test_hellaswag_field_names_and_string_labels(loaded: LoadedModel, tmp_path: 
     ]
     path = write_jsonl(tmp_path / "hellaswag.jsonl", rows)
     metrics = run_evaluations(
-        loaded.model, loaded.tokenizer, EvalArguments(eval_choice_files=[str(path)], eval_batch_size=3)
+        loaded.model, loaded.tokenizer, EvalArguments(eval_choice_files=[str(path)], eval_tasks_batch_size=3)
     )
     assert metrics["mc_acc"] == 0.5
 

@@ -291,3 +291,14 @@ test_split_size: 0.25
     assert len(splits["train"]) + len(splits["validation"]) == 24 + 8  # 75% / 25%, the 24 rows cap the total
     assert "a.jsonl" in table and "instruction" in table and "prompt_completion" in table and "75.0%" in table
     assert set(splits["train"].column_names) == {"prompt", "completion"}
+
+
+def test_eval_keys_evaluate_the_trained_model_at_the_end(sft_config, sft_main, tmp_path: Path, capsys) -> None:
+    choices = tmp_path / "mc.jsonl"
+    choices.write_text(json.dumps({"context": "Who is king?", "endings": [" Lear.", " The sea."], "label": 0}) + "\n")
+    metrics = sft_main(["--config", str(sft_config(extra=f"eval_choice_files: [{choices}]\n"))])
+    assert metrics["mc_rows"] == 1 and metrics["mc_acc"] in (0.0, 1.0)
+    choices.write_text(json.dumps({"context": "Who?", "endings": [" Lear."], "label": 3}) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        sft_main(["--config", str(sft_config(extra=f"eval_choice_files: [{choices}]\n")), "--overwrite_output_dir", "1"])
+    assert exit_info.value.code == 2 and "mc.jsonl: line 1" in capsys.readouterr().err

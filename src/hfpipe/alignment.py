@@ -17,13 +17,14 @@ from trl import DatasetMixtureConfig, DPOConfig, ModelConfig
 from hfpipe.args import DPOArguments, RunArguments, TuningArguments, device_defaults
 from hfpipe.config import ParsedConfig, parse
 from hfpipe.errors import ConfigError
+from hfpipe.evaluation import EvalArguments
 from hfpipe.finetuning import SFT_DEFAULTS, finish_tuning_parse, load_model, lora_config, validate_tuning
 from hfpipe.inference import adapter_base
 from hfpipe.modeling import looks_local
 from hfpipe.preference_data import check_pair_lengths, prepare_preference_rows
 from hfpipe.sft_data import Source
 
-DPO_ARGUMENTS = (DPOConfig, ModelConfig, DPOArguments, DatasetMixtureConfig, RunArguments)
+DPO_ARGUMENTS = (DPOConfig, ModelConfig, DPOArguments, DatasetMixtureConfig, RunArguments, EvalArguments)
 
 # The SFT run conventions (no gradient checkpointing, LoRA without dropout, an evaluation before training), with
 # DPO's usual shorter lengths and the alignment-handbook learning rates (full 5e-7, LoRA 5e-6).

@@ -9,6 +9,7 @@ are printed as a table and written as JSON beside the model (a new timestamped f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import importlib.util
 import json
@@ -31,7 +32,7 @@ FLAGS = {
     "eval_choice_files": "--choices",
     "eval_preference_files": "--preferences",
     "eval_lm_tasks": "--lm-eval",
-    "eval_batch_size": "--batch-size",
+    "eval_tasks_batch_size": "--batch-size",
     "eval_max_length": "--max-length",
     "eval_stride": "--stride",
 }
@@ -59,7 +60,7 @@ class EvalArguments:
     eval_lm_tasks: list[str] | None = field(
         default=None, metadata={"help": "lm-eval-harness task names (needs `pip install lm-eval` and its task data)."}
     )
-    eval_batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass when evaluating."})
+    eval_tasks_batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass when evaluating."})
     eval_max_length: int | None = field(
         default=None, metadata={"help": "Tokens per window or scored sequence. Default: the model's context length."}
     )
@@ -164,8 +165,8 @@ def _label(labels: Mapping[str, str] | None, key: str) -> str:
 def load_inputs(args: EvalArguments, where: str, labels: Mapping[str, str] | None = None) -> EvalInputs:
     """Check the settings and read and check every input file; load no model. `labels` names the settings in
     messages (the command line passes its flags)."""
-    if args.eval_batch_size < 1:
-        raise ConfigError(f"{where}: {_label(labels, 'eval_batch_size')}: must be at least 1.")
+    if args.eval_tasks_batch_size < 1:
+        raise ConfigError(f"{where}: {_label(labels, 'eval_tasks_batch_size')}: must be at least 1.")
     if args.eval_max_length is not None and args.eval_max_length < 2:
         raise ConfigError(f"{where}: {_label(labels, 'eval_max_length')}: must be at least 2 tokens.")
     if args.eval_stride is not None:
@@ -248,7 +249,7 @@ def evaluate_all(
         fields = row.fields
         if not tokenizer.chat_template and (row.row_format == "implicit_prompt" or isinstance(fields["chosen"], list)):
             raise DataError(f"{row.origin}: message lists need a chat template and the tokenizer has none.")
-    batch, results = args.eval_batch_size, []
+    batch, results = args.eval_tasks_batch_size, []
     was_training = model.training
     model.eval()
     try:
@@ -281,6 +282,23 @@ def flat_metrics(results: list[TaskResult]) -> dict[str, float]:
         flat.update({f"{result.task}_{metric}": value for metric, value in result.metrics.items()})
         flat[f"{result.task}_{result.unit}"] = result.n
     return flat
+
+
+def check_config_evaluations(values: Mapping[str, Any], where: str) -> None:
+    """A recipe config's `eval_*` keys (merged values, before any dataclass is built): check every input file."""
+    names = [item.name for item in dataclasses.fields(EvalArguments)]
+    check_eval_args(EvalArguments(**{name: values[name] for name in names if name in values}), where)
+
+
+def evaluate_after_training(trainer: Any, tokenizer: Any, args: EvalArguments) -> dict[str, float]:
+    """Run a recipe config's `eval_*` tasks on the trained model (main process only), print the table and return the
+    flat metrics for metrics.json; nothing when the config sets no task."""
+    tasks = (args.eval_text_files, args.eval_choice_files, args.eval_preference_files, args.eval_lm_tasks)
+    if not any(tasks) or not trainer.is_world_process_zero():
+        return {}
+    results = evaluate_all(trainer.model, tokenizer, args)
+    print(format_table(results))
+    return flat_metrics(results)
 
 
 def run_evaluations(model: Any, tokenizer: Any, args: EvalArguments) -> dict[str, float]:
@@ -383,7 +401,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated " + _help("eval_lm_tasks"),
     )
     for flag, dest in (
-        ("--batch-size", "eval_batch_size"),
+        ("--batch-size", "eval_tasks_batch_size"),
         ("--max-length", "eval_max_length"),
         ("--stride", "eval_stride"),
     ):

@@ -26,11 +26,12 @@ from hfpipe.chat_templates import (
 from hfpipe.config import ParsedConfig, parse
 from hfpipe.data import cache_root, resolve_files
 from hfpipe.errors import ConfigError, DataError
+from hfpipe.evaluation import EvalArguments, check_config_evaluations
 from hfpipe.modeling import check_model_path, load_causal_lm, load_tokenizer_from
 from hfpipe.run import RUN_DEFAULTS, derive_run_settings
 from hfpipe.sft_data import Source, concatenate, load_source, mix, prepare_source, rendered_lengths
 
-SFT_ARGUMENTS = (SFTConfig, ModelConfig, SFTArguments, DatasetMixtureConfig, RunArguments)
+SFT_ARGUMENTS = (SFTConfig, ModelConfig, SFTArguments, DatasetMixtureConfig, RunArguments, EvalArguments)
 
 # SFT defaults on top of the shared run conventions and the device's precision: no gradient checkpointing (it
 # trades speed for memory that small models do not need), LoRA without dropout (dropout makes LoRA slower than
@@ -82,6 +83,7 @@ def validate_tuning(values: dict[str, Any], where: str, stage: str, learning_rat
             resolve_files(values[key], key, where)
     if not 0.0 < values["test_split_size"] < 1.0:
         raise ConfigError(f"{where}: test_split_size: must be between 0 and 1 (exclusive).")
+    check_config_evaluations(values, where)
     derive_run_settings(values, default_run_name(values, stage), where)
 
 

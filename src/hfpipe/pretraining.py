@@ -32,6 +32,7 @@ from hfpipe.data import (
     tokenizer_fingerprint,
 )
 from hfpipe.errors import ConfigError
+from hfpipe.evaluation import EvalArguments, check_config_evaluations
 from hfpipe.modeling import (
     SHAPE_KEYS,
     build_gpt2,
@@ -52,6 +53,7 @@ PRETRAIN_ARGUMENTS = (
     GPT2ShapeArguments,
     RunArguments,
     RemoteCodeArguments,
+    EvalArguments,
 )
 
 # Pretraining defaults on top of the shared run conventions: GPT-style optimizer settings and schedule.
@@ -85,6 +87,7 @@ def default_run_name(values: dict[str, Any]) -> str:
 
 def _validate(values: dict[str, Any], where: str) -> None:
     resolve_device_settings(values, where)
+    check_config_evaluations(values, where)
     for key in UNSUPPORTED_MODEL_KEYS:
         if values.get(key):
             raise ConfigError(f"{where}: {key}: pretraining trains every weight; use recipes/sft.py for adapters.")
