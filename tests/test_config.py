@@ -15,7 +15,8 @@ from hfpipe.finetuning import parse_sft
 from hfpipe.pretraining import parse_pretrain
 
 SHIPPED = sorted((ROOT / "configs").glob("**/*.yaml"))
-RECIPE_CONFIGS = [path for path in SHIPPED if "accelerate" not in path.parts]
+PIPELINES = [path for path in SHIPPED if path.read_text().startswith("# hfpipe pipeline ")]
+RECIPE_CONFIGS = [path for path in SHIPPED if "accelerate" not in path.parts and path not in PIPELINES]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -29,7 +30,7 @@ def shakespeare_prepared() -> None:
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_config_starts_with_its_command(path: Path) -> None:
     first = path.read_text().splitlines()[0]
-    assert first.startswith("# ") and ("recipes/" in first or "accelerate launch" in first), first
+    assert first.startswith("# ") and any(cmd in first for cmd in ("recipes/", "accelerate launch", "hfpipe pipeline"))
 
 
 @pytest.mark.parametrize("path", RECIPE_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
@@ -176,3 +177,13 @@ def test_secrets_never_reach_the_saved_config(tmp_path: Path) -> None:
     path = save_resolved_config(tmp_path, "pretrain", {"hub_token": "hf_secret123", "learning_rate": 1e-3})
     assert "hf_secret123" not in path.read_text()
     assert "learning_rate" in path.read_text()
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_pipeline_checks_all_its_stages(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hfpipe.pipeline import plan, read_pipeline
+
+    monkeypatch.chdir(ROOT)
+    stages, _, _ = read_pipeline(path.relative_to(ROOT))
+    plan(stages, None)  # later stages start from outputs that do not exist yet: planned, not refused
+    assert all(stage.output_dir is not None for stage in stages)

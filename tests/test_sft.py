@@ -299,6 +299,7 @@ def test_eval_keys_evaluate_the_trained_model_at_the_end(sft_config, sft_main, t
     metrics = sft_main(["--config", str(sft_config(extra=f"eval_choice_files: [{choices}]\n"))])
     assert metrics["mc_rows"] == 1 and metrics["mc_acc"] in (0.0, 1.0)
     choices.write_text(json.dumps({"context": "Who?", "endings": [" Lear."], "label": 3}) + "\n")
+    config = sft_config(extra=f"eval_choice_files: [{choices}]\n")
     with pytest.raises(SystemExit) as exit_info:
-        sft_main(["--config", str(sft_config(extra=f"eval_choice_files: [{choices}]\n")), "--overwrite_output_dir", "1"])
+        sft_main(["--config", str(config), "--overwrite_output_dir", "1"])
     assert exit_info.value.code == 2 and "mc.jsonl: line 1" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from hfpipe.config import ParsedConfig, public_settings, recipe_of
+from hfpipe.config import ParsedConfig, load_yaml_mapping, public_settings, recipe_of
 from hfpipe.errors import ConfigError, did_you_mean, exit_on_user_error
 
 
@@ -48,6 +48,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "chat": ("hfpipe.chat", "chat with a model in the terminal"),
     "serve": ("hfpipe.serve", "serve a model over an OpenAI-compatible HTTP API"),
     "eval": ("hfpipe.evaluation", "perplexity, multiple-choice and preference accuracy of a model"),
+    "pipeline": ("hfpipe.pipeline", "run stages (pretrain -> sft -> dpo -> eval) in order, each its own process"),
 }
 
 
@@ -74,13 +75,18 @@ def check(config: Path, recipe: str | None, overrides: Sequence[str], show_sampl
     if recipe not in RECIPES:
         raise ConfigError(f"unknown recipe '{recipe}'; known: {', '.join(RECIPES)}.{did_you_mean(recipe, RECIPES)}")
     parse, resolve = RECIPES[recipe]()
-    parsed = parse(["--config", str(config), *overrides])
+    # Parsed as if overwriting, so that a finished run is reported below rather than refused.
+    parsed = parse(["--config", str(config), *overrides, "--overwrite_output_dir", "true"])
     settings = resolve(parsed)
+    settings.pop("overwrite_output_dir", None)
     print(f"# {config}: valid for recipes/{recipe}.py")
     print(yaml.safe_dump(public_settings(settings), sort_keys=False), end="")
     output_dir = Path(settings["output_dir"])
     if is_finished(output_dir):
-        state = "finished run (overwrite_output_dir: true replaces it)"
+        flags = dict(zip(overrides, overrides[1:], strict=False))
+        wanted = flags.get("--overwrite_output_dir", load_yaml_mapping(config).get("overwrite_output_dir", False))
+        replace = str(wanted).lower() in ("true", "1", "yes")
+        state = "finished run: replaced" if replace else "finished run (overwrite_output_dir: true replaces it)"
     else:
         checkpoint = last_complete_checkpoint(output_dir) if output_dir.is_dir() else None
         state = f"will resume from {checkpoint}" if checkpoint else "new run"

@@ -85,8 +85,14 @@ def looks_local(name: str) -> bool:
     )
 
 
+# Output dirs that earlier stages of a pipeline will write: later stages' configs are checked before they exist.
+planned_outputs: set[str] = set()
+
+
 def check_model_path(name: str, key: str, where: str) -> None:
-    """A local model or tokenizer path must exist and be a directory."""
+    """A local model or tokenizer path must exist and be a directory (or be a planned pipeline output)."""
+    if name in planned_outputs:
+        return
     if looks_local(name) and not Path(name).expanduser().is_dir():
         raise ConfigError(f"{where}: {key}: '{name}' is not a directory. Give a model output dir or a Hub id.")
 
