@@ -34,6 +34,8 @@ DPO_DEFAULTS: dict[str, Any] = {
     "num_train_epochs": 1.0,
     "lr_scheduler_type": "linear",
     "warmup_steps": 0.1,
+    "activation_checkpointing": None,  # see _validate
+    "per_device_eval_batch_size": None,  # the training batch: a pair is two sequences
 }
 DPO_LEARNING_RATES = (5e-7, 5e-6)  # full fine-tuning, LoRA
 MERGED_SFT_DIR = "sft-merged"  # in output_dir: the SFT adapter merged into its base (sft_adapter: merge)
@@ -50,6 +52,13 @@ def _validate(values: dict[str, Any], where: str) -> None:
             "continue keeps training. Remove use_peft, or set sft_adapter: merge to merge it and add a new one."
         )
     lora = bool(values.get("use_peft")) or continuing
+    if values["activation_checkpointing"] is None:
+        # LoRA is the memory-light choice: without checkpointing, activations and vocabulary logits of chosen and
+        # rejected sequences dominate its memory (measured on SmolLM2-135M: 4.1 GB peak, 2.7 GB with it). Full
+        # fine-tuning of small models keeps the faster path.
+        values["activation_checkpointing"] = lora
+    if values["per_device_eval_batch_size"] is None:
+        values["per_device_eval_batch_size"] = values["per_device_train_batch_size"]
     if values.get("merge_adapter") and not lora:
         raise ConfigError(f"{where}: merge_adapter needs an adapter (use_peft: true, or an SFT adapter to continue).")
     reference = values["reference"]
