@@ -19,6 +19,7 @@ from hfpipe.config import ParsedConfig, parse
 from hfpipe.errors import ConfigError
 from hfpipe.evaluation import EvalArguments
 from hfpipe.finetuning import SFT_DEFAULTS, finish_tuning_parse, load_model, lora_config, validate_tuning
+from hfpipe.finetuning import resolved_settings as tuning_settings
 from hfpipe.inference import adapter_base
 from hfpipe.modeling import looks_local
 from hfpipe.preference_data import check_pair_lengths, prepare_preference_rows
@@ -84,16 +85,8 @@ def parse_dpo(argv: Sequence[str] | None = None) -> ParsedConfig:
 
 
 def resolved_settings(parsed: ParsedConfig) -> dict[str, Any]:
-    """What the user wrote plus what hfpipe derived."""
-    training_args = parsed.get(DPOConfig)
-    return {
-        **parsed.user_keys,
-        "output_dir": training_args.output_dir,
-        "run_name": training_args.run_name,
-        "bf16": training_args.bf16,
-        "learning_rate": training_args.learning_rate,
-        "reference": parsed.get(DPOArguments).reference,
-    }
+    """What the user wrote plus what hfpipe derived, with the reference choice."""
+    return {**tuning_settings(parsed), "reference": parsed.get(DPOArguments).reference}
 
 
 def preference_preparer(tokenizer: PreTrainedTokenizerBase, max_length: int):

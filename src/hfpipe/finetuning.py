@@ -127,8 +127,8 @@ def finish_tuning_parse(parsed: ParsedConfig) -> ParsedConfig:
 
 
 def resolved_settings(parsed: ParsedConfig) -> dict[str, Any]:
-    """What the user wrote plus what hfpipe derived."""
-    training_args = parsed.get(SFTConfig)
+    """What the user wrote plus what hfpipe derived (an SFT or DPO config)."""
+    training_args = parsed.get(TrainingArguments)
     return {
         **parsed.user_keys,
         "output_dir": training_args.output_dir,
