@@ -85,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "train_tokens_per_second": round(log_extras.tokens_per_second, 1),
         "train_rows": len(splits["train"]),
         "validation_rows": len(splits["validation"]),
+        "data_sources": table,
         "reference": policy.reference,
         "reference_why": policy.why,
         "chat_template": template_choice,

@@ -80,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "train_tokens_per_second": round(log_extras.tokens_per_second, 1),
         "train_rows": len(splits["train"]),
         "loss_on": loss_mode,
+        "data_sources": table,
         "chat_template": template_choice,
         **lengths,
     }

@@ -303,3 +303,17 @@ def test_eval_keys_evaluate_the_trained_model_at_the_end(sft_config, sft_main, t
     with pytest.raises(SystemExit) as exit_info:
         sft_main(["--config", str(config), "--overwrite_output_dir", "1"])
     assert exit_info.value.code == 2 and "mc.jsonl: line 1" in capsys.readouterr().err
+
+
+def test_every_run_writes_a_report_without_secrets(sft_config, sft_main) -> None:
+    config = sft_config(extra="hub_token: hf_FAKEsecret0123456789\n")
+    sft_main(["--config", str(config)])
+    run = config.parent / "run"
+    report = (run / "report.md").read_text()
+    for section in ("## Results", "## Configuration", "## Data sources and shares", "## Versions", "![loss.png]"):
+        assert section in report
+    assert "Samples at step 0" in report and "Samples at step 2" in report  # before and after training
+    assert "train.jsonl" in report and "transformers" in report and "git commit" in report
+    for path in (run / "report.md", run / "report.html", run / "config.yaml", run / "metrics.json"):
+        assert "hf_FAKEsecret" not in path.read_text()
+    assert "<h2>Results</h2>" in (run / "report.html").read_text()

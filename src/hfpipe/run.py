@@ -18,6 +18,7 @@ from hfpipe import __version__
 from hfpipe.config import public_settings
 from hfpipe.errors import ConfigError
 from hfpipe.plots import plot_losses
+from hfpipe.report import write_report
 
 METRICS_FILE = "metrics.json"  # written last: its presence marks a finished run
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -194,7 +195,7 @@ def save_and_evaluate(trainer: Trainer) -> dict[str, Any]:
 def write_records(
     trainer: Trainer, run_name: str, eval_metrics: dict[str, Any], extra_metrics: dict[str, Any]
 ) -> dict[str, Any]:
-    """Write loss.png and metrics.json (last: it marks the run finished); return the metrics (main process)."""
+    """Write loss.png, metrics.json (it marks the run finished) and the report; return the metrics (main process)."""
     if not trainer.is_world_process_zero():
         return {}
     output_dir = Path(trainer.args.output_dir)
@@ -216,6 +217,7 @@ def write_records(
     }
     plot_losses(state.log_history, output_dir / "loss.png", run_name)
     (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    write_report(output_dir, run_name)
     return metrics
 
 
