@@ -67,13 +67,18 @@ def report_sections(output_dir: Path) -> list[tuple[str, str, Any]]:
     return sections
 
 
+def _cell(value: Any) -> str:
+    text = f"{value:.6g}" if isinstance(value, float) else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def _markdown(title: str, sections: list[tuple[str, str, Any]]) -> str:
     lines = [f"# {title}", ""]
     for heading, kind, content in sections:
         lines += [f"## {heading}", ""]
         if kind == "table":
             lines += ["| key | value |", "| --- | --- |"]
-            lines += [f"| {key} | {str(value).replace('|', '/')} |" for key, value in content.items()]
+            lines += [f"| {key} | {_cell(value)} |" for key, value in content.items()]
         elif kind == "code":
             lines += ["```", content.rstrip(), "```"]
         elif kind == "image":
