@@ -23,8 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sft_throughput import run_measured  # noqa: E402 (the same peak-RSS sampler)
+from readme_table import write_marked_table
+from sft_throughput import run_measured  # the same peak-RSS sampler
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -183,13 +183,7 @@ def write_table(result: dict, marker: str) -> None:
             *rows,
         ]
     )
-    readme = ROOT / "benchmarks" / "README.md"
-    text = readme.read_text()
-    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
-    if start not in text:
-        text += f"\n{start}\n{end}\n"
-    before, rest = text.split(start, 1)
-    readme.write_text(f"{before}{start}\n{table}\n{end}{rest.split(end, 1)[1]}")
+    write_marked_table(marker, table, section_if_missing="")
 
 
 if __name__ == "__main__":

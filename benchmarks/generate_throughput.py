@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from readme_table import write_marked_table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfpipe.generation import add_arguments, decode, encode_prompt, generate_ids, prepare, render_prompt
@@ -208,13 +209,7 @@ def write_table(result: dict) -> None:
             *rows,
         ]
     )
-    readme = ROOT / "benchmarks" / "README.md"
-    text = readme.read_text()
-    start, end = f"<!-- {MARKER} -->", f"<!-- /{MARKER} -->"
-    if start not in text:
-        raise SystemExit(f"{readme}: no {start} marker; add the generation section first.")
-    before, rest = text.split(start, 1)
-    readme.write_text(f"{before}{start}\n{table}\n{end}{rest.split(end, 1)[1]}")
+    write_marked_table(MARKER, table)
 
 
 def main() -> None:

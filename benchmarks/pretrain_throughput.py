@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from readme_table import write_marked_table
 from transformers import TrainingArguments, get_scheduler, set_seed
 
 from hfpipe.args import DataArguments, GPT2ShapeArguments, RunArguments
@@ -192,12 +193,7 @@ def write_table() -> None:
             *rows,
         ]
     )
-    readme = ROOT / "benchmarks" / "README.md"
-    text = readme.read_text()
-    start, end = "<!-- pretrain-table -->", "<!-- /pretrain-table -->"
-    before, rest = text.split(start, 1)
-    after = rest.split(end, 1)[1]
-    readme.write_text(f"{before}{start}\n{table}\n{end}{after}")
+    write_marked_table("pretrain-table", table)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+from readme_table import write_marked_table
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 QUICKSTART_SFT = ROOT / "outputs" / "quickstart" / "sft"
@@ -155,13 +157,7 @@ def write_table(result: dict) -> None:
             *rows,
         ]
     )
-    readme = ROOT / "benchmarks" / "README.md"
-    text = readme.read_text()  # read right before writing: other benchmarks write their own sections
-    start, end = f"<!-- {MARKER} -->", f"<!-- /{MARKER} -->"
-    if start not in text:
-        text = text.rstrip("\n") + "\n\n" + section_intro() + f"\n{start}\n{end}\n"
-    before, rest = text.split(start, 1)
-    readme.write_text(f"{before}{start}\n{table}\n{end}{rest.split(end, 1)[1]}")
+    write_marked_table(MARKER, table, section_if_missing=section_intro())
 
 
 def section_intro() -> str:

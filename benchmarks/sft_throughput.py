@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import psutil
+from readme_table import write_marked_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -310,11 +311,7 @@ def write_table(result: dict, marker: str) -> None:
             *rows,
         ]
     )
-    readme = ROOT / "benchmarks" / "README.md"
-    text = readme.read_text()
-    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
-    before, rest = text.split(start, 1)
-    readme.write_text(f"{before}{start}\n{table}\n{end}{rest.split(end, 1)[1]}")
+    write_marked_table(marker, table)
 
 
 if __name__ == "__main__":
