@@ -218,7 +218,9 @@ def check_lm_eval(tasks: list[str], where: str, key: str) -> None:
 
 def window_length(model: Any, max_length: int | None, key: str) -> int:
     """The tokens per scored sequence: `max_length`, or the model's context when not set."""
-    context = scoring.context_length(model)
+    from hfpipe.generation import context_length
+
+    context = context_length(model)
     if max_length is None:
         if context is None:
             raise ConfigError(f"{key}: the model's config gives no context length; set it.")

@@ -77,12 +77,6 @@ def preference_row(row: dict[str, Any]) -> PreferenceRow | str:
     return preference_row_problem(row, row_format) or PreferenceRow(row, row_format)
 
 
-def context_length(model: PreTrainedModel) -> int | None:
-    """The number of positions the model attends over, when its config says."""
-    config = model.config
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
 def sequence_logprobs(
     model: PreTrainedModel, sequences: Sequence[list[int]], starts: Sequence[int], batch_size: int
 ) -> list[tuple[float, int]]:
