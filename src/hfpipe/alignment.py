@@ -20,6 +20,7 @@ from hfpipe.errors import ConfigError
 from hfpipe.evaluation import EvalArguments
 from hfpipe.finetuning import SFT_DEFAULTS, finish_tuning_parse, load_model, lora_config, validate_tuning
 from hfpipe.finetuning import resolved_settings as tuning_settings
+from hfpipe.hub import check_hub_settings
 from hfpipe.inference import adapter_base
 from hfpipe.modeling import looks_local
 from hfpipe.preference_data import check_pair_lengths, prepare_preference_rows
@@ -72,6 +73,7 @@ def _validate(values: dict[str, Any], where: str) -> None:
         raise ConfigError(
             f"{where}: precompute_ref_log_probs: true contradicts reference: {reference}; keep one of them."
         )
+    check_hub_settings(values, where, trains_adapter=lora)
 
 
 def _is_adapter_dir(name: str) -> bool:

@@ -85,6 +85,13 @@ class RunArguments:
         default=None, metadata={"help": "Prompts for sample generations. Default: starts of validation blocks."}
     )
     sample_max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated per sample."})
+    hub_upload: Literal["auto", "adapter", "merged", "both"] = field(
+        default="auto",
+        metadata={
+            "help": "What push_to_hub uploads from a LoRA run: the adapter, the merged model, or both (merged at the "
+            "repo root, adapter under adapter/). 'auto': the adapter when its base is a Hub model, else merged."
+        },
+    )
 
 
 @dataclass

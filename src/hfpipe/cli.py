@@ -49,6 +49,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "serve": ("hfpipe.serve", "serve a model over an OpenAI-compatible HTTP API"),
     "eval": ("hfpipe.evaluation", "perplexity, multiple-choice and preference accuracy of a model"),
     "pipeline": ("hfpipe.pipeline", "run stages (pretrain -> sft -> dpo -> eval) in order, each its own process"),
+    "push": ("hfpipe.push", "push a finished run to the Hugging Face Hub with a model card"),
 }
 
 

@@ -27,6 +27,7 @@ from hfpipe.config import ParsedConfig, parse
 from hfpipe.data import cache_root, resolve_files
 from hfpipe.errors import ConfigError, DataError
 from hfpipe.evaluation import EvalArguments, check_config_evaluations
+from hfpipe.hub import check_hub_settings
 from hfpipe.modeling import check_model_path, load_causal_lm, load_tokenizer_from
 from hfpipe.run import RUN_DEFAULTS, derive_run_settings
 from hfpipe.sft_data import Source, concatenate, load_source, mix, prepare_source, rendered_lengths
@@ -93,6 +94,7 @@ def _validate(values: dict[str, Any], where: str) -> None:
     validate_tuning(values, where, "sft", (FULL_LEARNING_RATE, LORA_LEARNING_RATE))
     if values.get("use_model_loss") is None:
         values["use_model_loss"] = not torch.cuda.is_available()
+    check_hub_settings(values, where, trains_adapter=bool(values.get("use_peft")))
 
 
 def _shipped_models() -> tuple[str, ...]:
@@ -336,25 +338,15 @@ def sample_prompts(validation: Dataset, tokenizer: PreTrainedTokenizerBase, coun
     return prompts
 
 
-def save_merged(trainer: Any, tokenizer: PreTrainedTokenizerBase, destination: Path) -> Path:
-    """Merge the saved adapter into a freshly loaded, unquantized base and save the full model.
+def save_merged(trainer: Any, destination: Path) -> Path:
+    """Merge the adapter the trainer saved into a freshly loaded, unquantized base and save the full model.
 
     Reloading the base (rather than merging the training model in place) also serves QLoRA, whose training
     base is quantized.
     """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from hfpipe.inference import save_merged_model
 
-    adapter_dir = Path(trainer.args.output_dir)
-    base_name = trainer.model.peft_config["default"].base_model_name_or_path
-    base = AutoModelForCausalLM.from_pretrained(base_name, dtype=torch.float32, use_safetensors=True)
-    if len(tokenizer) != base.get_input_embeddings().weight.shape[0]:
-        base.resize_token_embeddings(len(tokenizer))
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    merged.generation_config = trainer.model.generation_config
-    merged.save_pretrained(destination)
-    tokenizer.save_pretrained(destination)
-    return destination
+    return save_merged_model(Path(trainer.args.output_dir), destination)
 
 
 def print_setup(
@@ -393,7 +385,7 @@ def check_and_merge(trainer: Any, tokenizer: PreTrainedTokenizerBase, first_row:
         "template_check": problems or "ok",
     }
     if merge:
-        records["merged_model"] = str(save_merged(trainer, tokenizer, output_dir / "merged"))
+        records["merged_model"] = str(save_merged(trainer, output_dir / "merged"))
     return records
 
 

