@@ -137,9 +137,8 @@ def test_push_command_uploads_adapter_merged_or_both(hub: FakeHub, lora_run: Pat
 
     cli.main(["push", str(lora_run), "--repo", "both-kinds", "--upload", "both"])  # under the token's account
     both = hub.files["tester/both-kinds"]
-    assert {"config.json", "model.safetensors", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= set(
-        both
-    )
+    expected = {"config.json", "model.safetensors", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
+    assert expected <= set(both)
     assert both["adapter/adapter_model.safetensors"] == (lora_run / "adapter_model.safetensors").read_bytes()
     assert both["model.safetensors"] == (lora_run / "merged" / "model.safetensors").read_bytes()
     assert 'subfolder="adapter"' in both["README.md"].decode()
@@ -210,9 +209,7 @@ def test_push_that_cannot_work_stops_before_training(
 
 
 def test_hub_settings_that_make_no_sense_are_refused(tmp_path: Path, corpus: Path, capsys) -> None:
-    config = write_config(
-        tmp_path / "pretrain.yaml", f'train_files: ["{corpus}/train/*.txt"]\nhub_upload: adapter\n'
-    )
+    config = write_config(tmp_path / "pretrain.yaml", f'train_files: ["{corpus}/train/*.txt"]\nhub_upload: adapter\n')
     with pytest.raises(SystemExit):
         cli.main(["check", str(config)])
     assert "hub_upload: adapter needs a LoRA run" in capsys.readouterr().err
