@@ -29,8 +29,9 @@ from hfpipe.args import DPOArguments, RunArguments, use_cpu_cores
 from hfpipe.callbacks import LogExtrasCallback, SampleCallback
 from hfpipe.errors import exit_on_user_error
 from hfpipe.evaluation import EvalArguments, evaluate_after_training
-from hfpipe.finetuning import load_splits, load_tokenizer, sample_prompts, save_merged
+from hfpipe.finetuning import load_splits, load_tokenizer, sample_prompts
 from hfpipe.hub import push_run, take_push_request
+from hfpipe.inference import save_merged_model
 from hfpipe.plots import plot_rewards
 from hfpipe.run import prepare_output_dir, save_and_evaluate, save_run_config, train, write_records
 
@@ -101,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         extra.update(evaluate_after_training(trainer, tokenizer, parsed.get(EvalArguments)))
         plot_rewards(trainer.state.log_history, output_dir / "rewards.png", training_args.run_name)
         if dpo_args.merge_adapter:
-            extra["merged_model"] = str(save_merged(trainer, output_dir / "merged"))
+            extra["merged_model"] = str(save_merged_model(output_dir, output_dir / "merged"))
     metrics = write_records(trainer, training_args.run_name, eval_metrics, extra)
     if metrics:
         print(

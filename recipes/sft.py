@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from transformers import set_seed
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig
 
 from hfpipe.args import RunArguments, SFTArguments, use_cpu_cores
 from hfpipe.callbacks import LogExtrasCallback, SampleCallback
@@ -35,7 +35,7 @@ from hfpipe.finetuning import (
 )
 from hfpipe.hub import push_run, take_push_request
 from hfpipe.run import prepare_output_dir, save_and_evaluate, save_run_config, train, write_records
-from hfpipe.trainers import ModelLossSFTTrainer
+from hfpipe.trainers import FastSFTTrainer
 
 
 @exit_on_user_error
@@ -63,8 +63,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print_setup(training_args, model, table, template_choice, loss_mode, lengths, threads)
     prompts = run_args.sample_prompts or sample_prompts(splits["validation"], tokenizer)
     log_extras = LogExtrasCallback(tokens_per_step=None)
-    trainer_class = ModelLossSFTTrainer if data_args.use_model_loss else SFTTrainer
-    trainer = trainer_class(
+    trainer = FastSFTTrainer(
         model=model,
         args=training_args,
         train_dataset=splits["train"],
@@ -72,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         processing_class=tokenizer,
         peft_config=lora_config(parsed, model),
         callbacks=[SampleCallback(tokenizer, prompts, run_args.sample_max_new_tokens)],
+        model_loss=data_args.use_model_loss,
     )
     trainer.callback_handler.callbacks.insert(0, log_extras)  # before the printer: it adds to the logs
     if training_args.process_index == 0:

@@ -1,6 +1,7 @@
 """A local stand-in for the Hugging Face Hub's HTTP API: enough of it for huggingface_hub to create a repo and
 commit files (regular files inline, *.safetensors and *.png through the LFS batch API, as the Hub's default
-.gitattributes has it). It records every request and keeps the committed files per repo, for tests to assert."""
+.gitattributes has it), read a repo's visibility and files, create branches and check a card's metadata. Files
+are kept per repo, not per branch. It records every request, for tests to assert."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-LFS_SUFFIXES = (".safetensors", ".png", ".bin")
+import yaml
+
+LFS_SUFFIXES = (".safetensors", ".png")
 
 
 @dataclass
@@ -27,6 +30,9 @@ class FakeHub:
     files: dict[str, dict[str, bytes]] = field(default_factory=dict)  # repo id -> path -> content
     commits: list[dict[str, Any]] = field(default_factory=list)
     lfs_objects: dict[str, bytes] = field(default_factory=dict)  # sha256 -> content
+    branches: set[tuple[str, str]] = field(default_factory=set)
+    token_role: str = "write"
+    cards_checked: int = 0
     url: str = ""
 
     def request_bodies(self) -> list[str]:
@@ -70,7 +76,16 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             hub.requests.append(("GET", self.path, self.headers.get("Authorization")))
             if self.path == "/api/whoami-v2":
                 if self._authorized("whoami"):
-                    self._send(200, {"type": "user", "name": hub.account, "auth": {"type": "access_token"}})
+                    auth = {"type": "access_token", "accessToken": {"role": hub.token_role}}
+                    self._send(200, {"type": "user", "name": hub.account, "orgs": [{"name": "team"}], "auth": auth})
+                return
+            if self.path.startswith("/api/models/"):
+                repo_id = "/".join(self.path.removeprefix("/api/models/").split("/")[:2])
+                if repo_id not in hub.repos:
+                    self._error(404, "Repository not found")
+                    return
+                siblings = [{"rfilename": name} for name in hub.files[repo_id]]
+                self._send(200, {"id": repo_id, "private": hub.repos[repo_id]["private"], "siblings": siblings})
                 return
             self._error(404, f"fake hub: no route GET {self.path}")
 
@@ -92,6 +107,10 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             body = self._body()
             path = self.path.split("?", 1)[0]
             if path == "/api/validate-yaml":
+                self._validate_card(json.loads(body)["content"])
+            elif path.startswith("/api/models/") and "/branch/" in path:
+                repo_id, branch = path.removeprefix("/api/models/").split("/branch/")
+                hub.branches.add((repo_id, branch))
                 self._send(200, {})
             elif path == "/api/repos/create":
                 self._create(json.loads(body))
@@ -112,6 +131,19 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self._commit(path, body)
             else:
                 self._error(404, f"fake hub: no route POST {self.path}")
+
+        def _validate_card(self, content: str) -> None:
+            # The Hub's check, roughly: a YAML mapping between --- lines whose tags are a list of strings.
+            try:
+                metadata = yaml.safe_load(content.split("---\n")[1]) if content.startswith("---\n") else {}
+                valid = isinstance(metadata, dict) and all(isinstance(tag, str) for tag in metadata.get("tags", []))
+            except yaml.YAMLError:
+                valid = False
+            hub.cards_checked += 1
+            if valid:
+                self._send(200, {})
+            else:
+                self._error(400, "Invalid metadata in README.md")
 
         def _create(self, payload: dict[str, Any]) -> None:
             if not self._authorized("create"):
@@ -143,7 +175,8 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self._error(404, "Repository not found")
                 return
             lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
-            commit: dict[str, Any] = {"repo": repo_id, "files": []}
+            repo_id, revision = repo_id, path.split("/commit/")[1]
+            commit: dict[str, Any] = {"repo": repo_id, "revision": revision, "files": [], "deleted": []}
             for line in lines:
                 value = line["value"]
                 if line["key"] == "header":
@@ -154,6 +187,9 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 elif line["key"] == "lfsFile":
                     hub.files[repo_id][value["path"]] = hub.lfs_objects[value["oid"]]
                     commit["files"].append(value["path"])
+                elif line["key"] == "deletedFile":
+                    hub.files[repo_id].pop(value["path"])
+                    commit["deleted"].append(value["path"])
             hub.commits.append(commit)
             oid = hashlib.sha1(body).hexdigest()
             self._send(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{oid}", "commitOid": oid})

@@ -75,9 +75,9 @@ def card_metadata(readme: bytes) -> dict:
 def assert_token_nowhere(hub: FakeHub, run: Path, output: str) -> None:
     assert TOKEN not in output
     assert all(TOKEN not in body for body in hub.request_bodies())
-    for path in run.rglob("*"):
-        if path.is_file() and path.suffix in (".json", ".yaml", ".md", ".html", ".jsonl", ".txt"):
-            assert TOKEN not in path.read_text(errors="replace"), path
+    for path in run.rglob("*"):  # every file, pickles (training_args.bin) and checkpoints included
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
 
 
 def test_recipe_pushes_once_at_the_end_with_a_card(
@@ -114,6 +114,8 @@ def test_recipe_pushes_once_at_the_end_with_a_card(
     for part in ('from_pretrained("tester/tiny-sft")', "### Results", "### Configuration", "![loss.png](loss.png)"):
         assert part in card
     assert "train.jsonl" in card and f"eval_loss | {metrics['eval_loss']:.6g}" in card
+    assert hub.cards_checked == 1  # the card's metadata went through the Hub's check before the upload
+    assert (run / "training_args.bin").is_file()  # scanned below: the Trainer pickles its arguments
     record = json.loads((run / "hub_push.json").read_text())
     assert record["repo_id"] == "tester/tiny-sft" and record["uploaded"] == "merged" and record["private"] is True
     assert f"Pushed {len(files)} files" in out
@@ -143,9 +145,18 @@ def test_push_command_uploads_adapter_merged_or_both(hub: FakeHub, lora_run: Pat
     assert both["model.safetensors"] == (lora_run / "merged" / "model.safetensors").read_bytes()
     assert 'subfolder="adapter"' in both["README.md"].decode()
     assert hub.repos["tester/both-kinds"]["private"] is True
-    cli.main(["push", str(lora_run), "--repo", "both-kinds", "--upload", "both"])  # again: a second commit
-    assert [commit["repo"] for commit in hub.commits].count("tester/both-kinds") == 2
-    assert_token_nowhere(hub, lora_run, "".join(capfd.readouterr()))
+    # Pushing the adapter alone to the same repo replaces the model: the merged files of the first push go.
+    cli.main(["push", str(lora_run), "--repo", "both-kinds", "--upload", "adapter"])
+    assert set(hub.files["tester/both-kinds"]) == set(adapter_files)
+    assert {"config.json", "model.safetensors", "adapter/adapter_config.json"} <= set(hub.commits[-1]["deleted"])
+
+    # An existing public repo stays public, and the record says so; a branch is created when asked for.
+    out = capfd.readouterr().out
+    cli.main(["push", str(lora_run), "--repo", "tester/adapter-only", "--upload", "adapter", "--revision", "dev"])
+    assert "already existed as a public repo" in capfd.readouterr().out
+    assert json.loads((lora_run / "hub_push.json").read_text())["private"] is False
+    assert ("tester/adapter-only", "dev") in hub.branches and hub.commits[-1]["revision"] == "dev"
+    assert_token_nowhere(hub, lora_run, out + "".join(capfd.readouterr()))
 
 
 def test_pretrained_model_pushes_under_the_run_name(hub: FakeHub, tiny_config, pretrain_main) -> None:
@@ -162,16 +173,19 @@ def test_pretrained_model_pushes_under_the_run_name(hub: FakeHub, tiny_config, p
 def test_refused_push_keeps_the_run_and_says_how_to_retry(
     hub: FakeHub, tmp_path: Path, tiny_gpt2_dir: Path, capsys
 ) -> None:
-    hub.refuse["create"] = 403
-    config = sft_lora_config(tmp_path, tiny_gpt2_dir, "push_to_hub: true\nhub_model_id: someone-else/model\n")
+    hub.refuse["commit"] = 403
+    config = sft_lora_config(tmp_path, tiny_gpt2_dir, "push_to_hub: true\nhub_model_id: team/model\n")
     with pytest.raises(SystemExit) as exit_info:
         load_recipe("sft").main(["--config", str(config)])
     error = capsys.readouterr().err.strip().splitlines()[-1]  # after the training's progress bars
     assert exit_info.value.code == 2 and error.startswith("error: pushing")
-    assert "403" in error and f"hfpipe push {tmp_path / 'run'} --repo someone-else/model" in error
+    assert "403" in error and f"hfpipe push {tmp_path / 'run'} --repo team/model" in error
     run = tmp_path / "run"
     assert (run / "metrics.json").is_file() and (run / "adapter_model.safetensors").is_file()
     assert not (run / "hub_push.json").exists() and not hub.commits
+    with pytest.raises(SystemExit):  # running it again points to hfpipe push rather than to retraining
+        load_recipe("sft").main(["--config", str(config)])
+    assert f"to push it as it is: hfpipe push {run}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -182,6 +196,8 @@ def test_refused_push_keeps_the_run_and_says_how_to_retry(
         ("bad-token", "the Hub answered 401"),
         ("unreachable", "could not be reached"),
         ("bad-repo-id", "hub_model_id: "),
+        ("read-only-token", "the token is read-only"),
+        ("other-namespace", "cannot create repos under 'someone-else' (its namespaces: team, tester)"),
     ],
 )
 def test_push_that_cannot_work_stops_before_training(
@@ -189,7 +205,8 @@ def test_push_that_cannot_work_stops_before_training(
 ) -> None:
     from huggingface_hub import constants
 
-    repo = "bad//id" if setup == "bad-repo-id" else "tester/x"
+    repo = {"bad-repo-id": "bad//id", "other-namespace": "someone-else/x"}.get(setup, "tester/x")
+    hub.token_role = "read" if setup == "read-only-token" else "write"
     if setup == "offline":
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     elif setup == "no-token":

@@ -235,25 +235,44 @@ def test_check_show_samples_marks_the_trained_span(sft_config, capsys) -> None:
     assert not (config.parent / "run").exists()
 
 
-def test_model_loss_trainer_gives_trls_loss(tiny_gpt2_dir: Path) -> None:
+@pytest.mark.parametrize("architecture", ["gpt2", "llama-lora"])
+def test_fast_trainer_gives_trls_loss_and_gradients(architecture: str, tiny_gpt2_dir: Path, tmp_path: Path) -> None:
     from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
     from trl import SFTTrainer
 
     from hfpipe.sft_data import convert_row
-    from hfpipe.trainers import ModelLossSFTTrainer
+    from hfpipe.trainers import FastSFTTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
     rows = Dataset.from_list([convert_row(row, "instruction", False, None) for row in ROWS[:4]])
     args = cpu_sft_args(max_length=64, per_device_train_batch_size=4)
-    losses = []
-    for trainer_class in (SFTTrainer, ModelLossSFTTrainer):
-        model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
-        trainer = trainer_class(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+    model_dir, peft_config = tiny_gpt2_dir, None
+    if architecture == "llama-lora":
+        torch.manual_seed(0)
+        shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+        LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **shape)).save_pretrained(tmp_path / "llama")
+        model_dir, peft_config = tmp_path / "llama", LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    results = []
+    for make in (
+        lambda **kw: SFTTrainer(**kw),
+        lambda **kw: FastSFTTrainer(**kw, model_loss=True),
+    ):
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        trainer = make(model=model, args=args, train_dataset=rows, processing_class=tokenizer, peft_config=peft_config)
         batch = next(iter(trainer.get_train_dataloader()))
         assert (batch["labels"] == -100).sum() > (batch["attention_mask"] == 0).sum()  # prompts are masked too
-        model.train()
-        losses.append(trainer.compute_loss(model, batch))
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        grads = {name: p.grad for name, p in trainer.model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    assert trainer._head_on_labels_only is True  # the labelled-positions path ran
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    assert results[1][1].keys() == results[0][1].keys() and results[0][1]
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_dora_adapter_trains_magnitudes_too(sft_config, sft_main) -> None:

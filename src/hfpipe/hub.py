@@ -65,7 +65,10 @@ def describe_hub_error(error: Exception) -> str:
     if isinstance(error, OfflineModeIsEnabled):
         return "HF_HUB_OFFLINE is set"
     detail = str(error).strip().splitlines()
-    return f"{hub_endpoint()} could not be reached ({type(error).__name__}{f': {detail[0]}' if detail else ''})"
+    reason = f"{type(error).__name__}{f': {detail[0]}' if detail else ''}"
+    if isinstance(error, (ValueError, RuntimeError)) and not isinstance(error, OSError):
+        return reason  # a refusal found in an answer (e.g. LFS batch errors), or the upload client's own error
+    return f"{hub_endpoint()} could not be reached ({reason})"
 
 
 @contextlib.contextmanager
@@ -75,13 +78,13 @@ def hub_errors(what: str, error_class: type[UserError] = HubError, hint: str = "
 
     try:
         yield
-    except (httpx2.HTTPError, OSError, ValueError) as error:
+    except (httpx2.HTTPError, OSError, ValueError, RuntimeError) as error:
         raise error_class(f"{what} failed: {describe_hub_error(error)}.{f' {hint}' if hint else ''}") from None
 
 
-def check_hub_access(token: str | None, where: str, hint: str = "") -> str:
-    """Stop with one line when a push cannot work: offline mode, no token, Hub unreachable, token rejected.
-    Returns the token's account name."""
+def check_hub_access(token: str | None, where: str, repo_id: str, hint: str = "") -> None:
+    """Stop with one line when a push to `repo_id` cannot work: offline mode, no token, Hub unreachable, token
+    rejected, read-only, or no write access to the repo's namespace (as far as the token's details tell)."""
     from huggingface_hub import constants, get_token
 
     if constants.HF_HUB_OFFLINE:
@@ -92,7 +95,17 @@ def check_hub_access(token: str | None, where: str, hint: str = "") -> str:
             f"{where}: pushing needs a Hugging Face token with write access: run `hf auth login` or set HF_TOKEN."
         )
     with hub_errors(f"{where}: checking the token with {hub_endpoint()}", ConfigError, hint):
-        return _api(token).whoami()["name"]
+        account = _api(token).whoami()
+    role = (account.get("auth") or {}).get("accessToken", {}).get("role")
+    if role == "read":
+        raise ConfigError(f"{where}: the token is read-only; pushing needs a token with write access. {hint}".rstrip())
+    namespace = repo_id.split("/")[0] if "/" in repo_id else account["name"]
+    writable = {account["name"], *(org.get("name") for org in account.get("orgs") or [])}
+    if role == "write" and namespace not in writable:
+        raise ConfigError(
+            f"{where}: the token's account '{account['name']}' cannot create repos under '{namespace}' (its "
+            f"namespaces: {', '.join(sorted(writable))}). {hint}".rstrip()
+        )
 
 
 def check_repo_id(repo_id: str, where: str) -> None:
@@ -121,17 +134,18 @@ def check_hub_settings(values: dict[str, Any], where: str, trains_adapter: bool)
         )
     if not values.get("push_to_hub") or values.get("smoke"):
         return
-    if values.get("hub_model_id"):
-        check_repo_id(values["hub_model_id"], f"{where}: hub_model_id")
+    repo_id = values.get("hub_model_id") or values["run_name"]
+    check_repo_id(repo_id, f"{where}: hub_model_id" if values.get("hub_model_id") else f"{where}: run_name (the repo)")
     later = "Or set push_to_hub: false and push the finished run later with `hfpipe push OUTPUT_DIR`."
-    check_hub_access(values.get("hub_token"), f"{where}: push_to_hub", later)
+    check_hub_access(values.get("hub_token"), f"{where}: push_to_hub", repo_id, later)
 
 
 def take_push_request(training_args: Any, run_args: Any) -> HubTarget | None:
     """Return where to push the finished run (None: nowhere) and turn the Trainer's own pushes off: hfpipe pushes
     once, after metrics.json marks the run finished. Private unless hub_private_repo is false."""
-    wanted = training_args.push_to_hub
-    training_args.push_to_hub = False
+    wanted, token = training_args.push_to_hub, training_args.hub_token
+    # The Trainer pickles its arguments into training_args.bin and every checkpoint: the token must not be there.
+    training_args.push_to_hub, training_args.hub_token = False, None
     if not wanted:
         return None
     if run_args.smoke:
@@ -142,7 +156,7 @@ def take_push_request(training_args: Any, run_args: Any) -> HubTarget | None:
         private=training_args.hub_private_repo is not False,
         upload=run_args.hub_upload,
         revision=training_args.hub_revision,
-        token=training_args.hub_token,
+        token=token,
     )
 
 
@@ -150,9 +164,9 @@ def push_run(run_dir: Path, target: HubTarget) -> str:
     """Push a finished run in one commit: the chosen weights, tokenizer and configs, the plots, and a model card as
     README.md. Writes hub_push.json in the run dir and returns the repo's URL. A refusal or an unreachable Hub
     raises HubError (one line); the local run is left as it was."""
-    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
-    from hfpipe.hub_files import collect_upload
+    from hfpipe.hub_files import collect_upload, stale_files
     from hfpipe.model_card import model_card
 
     upload = collect_upload(run_dir, target.upload)
@@ -166,23 +180,29 @@ def push_run(run_dir: Path, target: HubTarget) -> str:
         repo = api.create_repo(target.repo_id, private=target.private, exist_ok=True)
         if target.revision:
             api.create_branch(repo.repo_id, branch=target.revision, exist_ok=True)
+        info = api.repo_info(repo.repo_id, revision=target.revision)
         card = model_card(run_dir, repo.repo_id, upload)
-        operations = [
+        operations: list[Any] = [
             CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in upload.files.items()
         ]
         operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode()))
+        existing = [sibling.rfilename for sibling in info.siblings or []]
+        operations += [CommitOperationDelete(path_in_repo=name) for name in stale_files(existing, upload)]
         commit = api.create_commit(
             repo.repo_id,
             operations,
             commit_message=f"Upload {run_dir.name} ({upload.kind}) with hfpipe",
             revision=target.revision,
         )
+    private = target.private if info.private is None else info.private
+    if private != target.private:
+        print(f"note: {repo.repo_id} already existed as a {'private' if private else 'public'} repo; left so.")
     record = {
         "repo_id": repo.repo_id,
         "url": str(repo),
         "commit": commit.oid,
         "revision": target.revision or "main",
-        "private": target.private,
+        "private": private,
         "uploaded": upload.kind,
         "files": sorted([*upload.files, "README.md"]),
         "pushed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -191,6 +211,6 @@ def push_run(run_dir: Path, target: HubTarget) -> str:
     size = sum(path.stat().st_size for path in upload.files.values())
     print(
         f"Pushed {len(record['files'])} files ({size / 1e6:.1f} MB) to {record['url']} "
-        f"({'private' if target.private else 'public'}, commit {commit.oid[:10]})."
+        f"({'private' if private else 'public'}, commit {commit.oid[:10]})."
     )
     return record["url"]

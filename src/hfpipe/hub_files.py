@@ -6,6 +6,7 @@ no checkpoints, no optimizer states, no logs.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,12 +52,23 @@ class Upload:
     why: str  # why this kind, for the log
 
 
+def is_model_file(name: str) -> bool:
+    """True for the weights, configs and tokenizer files of a model or adapter."""
+    return name in MODEL_FILES or name.endswith(WEIGHT_SUFFIXES)
+
+
 def model_files(directory: Path) -> list[Path]:
     """The weights, configs and tokenizer files of a saved model or adapter dir."""
+    return sorted(path for path in directory.iterdir() if path.is_file() and is_model_file(path.name))
+
+
+def stale_files(existing: list[str], upload: Upload) -> list[str]:
+    """Model files in the repo that this upload does not replace (left by a push of another kind, e.g. a merged
+    model before an adapter): deleting them keeps one consistent model in the repo. Other files are kept."""
     return sorted(
-        path
-        for path in directory.iterdir()
-        if path.is_file() and (path.name in MODEL_FILES or path.name.endswith(WEIGHT_SUFFIXES))
+        name
+        for name in existing
+        if name not in upload.files and (name.startswith(f"{ADAPTER_SUBFOLDER}/") or is_model_file(name))
     )
 
 
@@ -81,9 +93,12 @@ def collect_upload(run_dir: Path, upload: str) -> Upload:
     files: dict[str, Path] = {}
     if kind in ("merged", "both"):
         merged = run_dir / MERGED_DIR
-        if not (merged / "config.json").is_file():
+        if not merged.is_dir():
             print(f"Merging the adapter into its base for the upload: {merged}")
-            save_merged_model(run_dir, merged)
+            partial = run_dir / f"{MERGED_DIR}.partial"  # renamed when complete: a killed merge is never pushed
+            shutil.rmtree(partial, ignore_errors=True)
+            save_merged_model(run_dir, partial)
+            partial.rename(merged)
         files.update({path.name: path for path in model_files(merged)})
     if kind in ("model", "adapter"):
         files.update({path.name: path for path in model_files(run_dir)})

@@ -20,6 +20,7 @@ STAGES = {
     "sft": "Supervised fine-tuning (SFT)",
     "dpo": "Preference alignment (DPO)",
 }
+FILE_BUILDERS = frozenset({"json", "csv", "parquet", "text", "arrow"})  # `datasets` loaders of local files
 UPLOADED = {
     "model": "the full model",
     "adapter": "the LoRA adapter (load it onto its base)",
@@ -28,7 +29,7 @@ UPLOADED = {
 }
 
 
-def hub_model_id(name: str | None) -> str | None:
+def hub_id_of(name: str | None) -> str | None:
     """The Hub id a config's model_name_or_path stands for: a Hub id as is, a package-shipped GGUF model as the
     model it was converted from, None for a local dir or a from-scratch model."""
     from hfpipe.gguf import PACKAGED_MODELS
@@ -44,7 +45,7 @@ def hub_datasets(settings: dict[str, Any]) -> list[str]:
     """The Hub datasets a run trained on (local files are listed in the card's data section instead)."""
     names = [settings.get("dataset_name")]
     names += [entry.get("path") for entry in settings.get("datasets") or [] if isinstance(entry, dict)]
-    return [name for name in dict.fromkeys(names) if name and not looks_local(name)]
+    return [name for name in dict.fromkeys(names) if name and not looks_local(name) and name not in FILE_BUILDERS]
 
 
 def usage(repo_id: str, kind: str, base: str | None) -> str:
@@ -74,7 +75,7 @@ def model_card(run_dir: Path, repo_id: str, upload: Upload) -> ModelCard:
     config_path = run_dir / "config.yaml"
     settings = public_settings(yaml.safe_load(config_path.read_text(encoding="utf-8")) or {})
     recipe = recipe_of(config_path) or "pretrain"
-    base = hub_model_id(settings.get("model_name_or_path"))
+    base = hub_id_of(upload.base) or hub_id_of(settings.get("model_name_or_path"))
     tags = ["hfpipe", recipe, *(["trl"] if recipe in ("sft", "dpo") else []), *(["lora"] if upload.base else [])]
     data = ModelCardData(
         model_name=repo_id.split("/")[-1],

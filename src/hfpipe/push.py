@@ -15,6 +15,7 @@ import yaml
 
 from hfpipe.errors import ConfigError
 from hfpipe.hub import HubTarget, check_hub_access, check_repo_id, push_run
+from hfpipe.hub_files import choose_upload
 from hfpipe.run import is_finished
 
 UPLOAD_CHOICES = ("auto", "adapter", "merged", "both")
@@ -42,14 +43,16 @@ def run(args: argparse.Namespace) -> None:
     if not is_finished(run_dir):
         raise ConfigError(f"{run_dir}: not a finished run (no metrics.json). Push a run that trained to the end.")
     config_path = run_dir / "config.yaml"
-    settings = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    settings = (yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else None) or {}
     repo_id = args.repo or settings.get("hub_model_id") or settings.get("run_name") or run_dir.name
-    check_repo_id(repo_id, "--repo")
-    check_hub_access(None, "hfpipe push")
+    check_repo_id(repo_id, "--repo" if args.repo else f"{config_path}: hub_model_id (the repo)")
+    upload = args.upload or settings.get("hub_upload") or "auto"
+    choose_upload(run_dir, upload)  # a wrong --upload for this run stops here, before any request
+    check_hub_access(None, "hfpipe push", repo_id)
     target = HubTarget(
         repo_id=repo_id,
         private=not args.public and settings.get("hub_private_repo") is not False,
-        upload=args.upload or settings.get("hub_upload") or "auto",
+        upload=upload,
         revision=args.revision or settings.get("hub_revision"),
     )
     push_run(run_dir, target)

@@ -55,6 +55,7 @@ def report_sections(output_dir: Path) -> list[tuple[str, str, Any]]:
     )
     metrics = json.loads((output_dir / "metrics.json").read_text())
     sources = metrics.pop("data_sources", None)
+    versions = metrics.pop("versions", None) or {**stack_versions(), "git commit": git_commit()}  # as trained
     sections: list[tuple[str, str, Any]] = [
         ("Results", "table", {key: value for key, value in metrics.items() if not isinstance(value, (dict, list))}),
         ("Configuration (as resolved; reruns the run)", "code", config_text),
@@ -63,7 +64,7 @@ def report_sections(output_dir: Path) -> list[tuple[str, str, Any]]:
         sections.append(("Data sources and shares", "code", sources))
     sections += [(name, "image", name) for name in PLOTS if (output_dir / name).is_file()]
     sections += [(f"Samples at step {step}", "samples", rows) for step, rows in _samples_by_step(output_dir)]
-    sections.append(("Versions", "table", {**stack_versions(), "git commit": git_commit()}))
+    sections.append(("Versions", "table", versions))
     return sections
 
 

@@ -18,7 +18,7 @@ from hfpipe import __version__
 from hfpipe.config import public_settings
 from hfpipe.errors import ConfigError
 from hfpipe.plots import plot_losses
-from hfpipe.report import write_report
+from hfpipe.report import git_commit, stack_versions, write_report
 
 METRICS_FILE = "metrics.json"  # written last: its presence marks a finished run
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -32,12 +32,12 @@ def is_finished(output_dir: Path) -> bool:
     return (output_dir / METRICS_FILE).is_file()
 
 
-def check_not_finished(output_dir: Path, overwrite: bool, where: str) -> None:
-    """Refuse to touch a finished run unless the config asks to overwrite it."""
+def check_not_finished(output_dir: Path, overwrite: bool, where: str, hint: str = "") -> None:
+    """Refuse to touch a finished run unless the config asks to overwrite it; `hint` ends the message."""
     if is_finished(output_dir) and not overwrite:
         raise ConfigError(
             f"{where}: output_dir '{output_dir}' holds a finished run. Set another output_dir, or "
-            "overwrite_output_dir: true to replace it."
+            f"overwrite_output_dir: true to replace it{hint}."
         )
 
 
@@ -76,7 +76,10 @@ def derive_run_settings(values: dict[str, Any], default_run_name: str, where: st
     if values.get("save_steps") is None or values.get("smoke"):
         # Checkpoints at evaluation steps, so that the best checkpoint by validation loss exists on disk.
         values["save_steps"] = values["eval_steps"] or 500
-    check_not_finished(Path(values["output_dir"]), values["overwrite_output_dir"], where)
+    output_dir = Path(values["output_dir"])
+    unpushed = values.get("push_to_hub") and not (output_dir / "hub_push.json").is_file()
+    hint = f" (to push it as it is: hfpipe push {output_dir})" if unpushed else ""
+    check_not_finished(output_dir, values["overwrite_output_dir"], where, hint)
 
 
 def _checkpoint_is_complete(checkpoint: Path) -> bool:
@@ -213,6 +216,7 @@ def write_records(
         "best_checkpoint": state.best_model_checkpoint,
         "best_eval_loss": state.best_metric,
         "hfpipe_version": __version__,
+        "versions": {**stack_versions(), "git commit": git_commit()},
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     plot_losses(state.log_history, output_dir / "loss.png", run_name)
