@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import load_recipe, write_config
 from hub_server import FakeHub, FakeHubServer
-from test_sft import ROWS, write_rows
+from test_sft import write_sft_config
 
 from hfpipe import cli
 
@@ -35,27 +35,8 @@ def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
 
 def sft_lora_config(directory: Path, base: Path, extra: str = "") -> Path:
     """A 2-step LoRA SFT config on the tiny GPT-2 (a local base)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    data = write_rows(directory / "train.jsonl", ROWS)
-    config = directory / "sft.yaml"
-    config.write_text(
-        f"""# accelerate launch recipes/sft.py --config {config}
-model_name_or_path: {base}
-train_files: [{data}]
-output_dir: {directory}/run
-max_length: 64
-per_device_train_batch_size: 4
-max_steps: 2
-eval_steps: 2
-logging_steps: 1
-sample_max_new_tokens: 4
-use_peft: true
-lora_r: 4
-lora_alpha: 8
-lora_target_modules: [c_attn]
-{extra}"""
-    )
-    return config
+    lora = "use_peft: true\nlora_r: 4\nlora_alpha: 8\nlora_target_modules: [c_attn]\n"
+    return write_sft_config(directory, base, extra=lora + extra)
 
 
 @pytest.fixture(scope="module")

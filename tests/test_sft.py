@@ -29,18 +29,16 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.fixture
-def sft_config(tmp_path: Path, tiny_gpt2_dir: Path):
-    """Factory: an SFT config for the tiny GPT-2 on 24 instruction rows, 2 steps."""
-
-    def make(rows: list[dict] = ROWS, extra: str = "") -> Path:
-        data = write_rows(tmp_path / "train.jsonl", rows)
-        config = tmp_path / "sft.yaml"
-        config.write_text(
-            f"""# accelerate launch recipes/sft.py --config {config}
-model_name_or_path: {tiny_gpt2_dir}
+def write_sft_config(directory: Path, base: Path, rows: list[dict] = ROWS, extra: str = "") -> Path:
+    """An SFT config for the model dir `base` on `rows`, 2 steps, writing to directory/run."""
+    directory.mkdir(parents=True, exist_ok=True)
+    data = write_rows(directory / "train.jsonl", rows)
+    config = directory / "sft.yaml"
+    config.write_text(
+        f"""# accelerate launch recipes/sft.py --config {config}
+model_name_or_path: {base}
 train_files: [{data}]
-output_dir: {tmp_path}/run
+output_dir: {directory}/run
 max_length: 64
 per_device_train_batch_size: 4
 max_steps: 2
@@ -49,8 +47,16 @@ logging_steps: 1
 learning_rate: 1.0e-2
 sample_max_new_tokens: 4
 {extra}"""
-        )
-        return config
+    )
+    return config
+
+
+@pytest.fixture
+def sft_config(tmp_path: Path, tiny_gpt2_dir: Path):
+    """Factory: an SFT config for the tiny GPT-2 on 24 instruction rows, 2 steps."""
+
+    def make(rows: list[dict] = ROWS, extra: str = "") -> Path:
+        return write_sft_config(tmp_path, tiny_gpt2_dir, rows, extra)
 
     return make
 

@@ -17,6 +17,7 @@ from transformers import Trainer
 from hfpipe import __version__
 from hfpipe.config import public_settings
 from hfpipe.errors import ConfigError
+from hfpipe.hub import HUB_RECORD
 from hfpipe.plots import plot_losses
 from hfpipe.report import git_commit, stack_versions, write_report
 
@@ -77,7 +78,7 @@ def derive_run_settings(values: dict[str, Any], default_run_name: str, where: st
         # Checkpoints at evaluation steps, so that the best checkpoint by validation loss exists on disk.
         values["save_steps"] = values["eval_steps"] or 500
     output_dir = Path(values["output_dir"])
-    unpushed = values.get("push_to_hub") and not (output_dir / "hub_push.json").is_file()
+    unpushed = values.get("push_to_hub") and not (output_dir / HUB_RECORD).is_file()
     hint = f" (to push it as it is: hfpipe push {output_dir})" if unpushed else ""
     check_not_finished(output_dir, values["overwrite_output_dir"], where, hint)
 
