@@ -30,20 +30,17 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.fixture
-def dpo_config(tmp_path: Path, tiny_gpt2_dir: Path):
-    """Factory: a DPO config for the tiny GPT-2 on 24 training pairs and 8 held-out pairs, 2 steps."""
-
-    def make(rows: list[dict] = PAIRS, extra: str = "", model: Path | None = None) -> Path:
-        train = write_rows(tmp_path / "train.jsonl", rows)
-        held_out = write_rows(tmp_path / "test.jsonl", HELD_OUT)
-        config = tmp_path / "dpo.yaml"
-        config.write_text(
-            f"""# accelerate launch recipes/dpo.py --config {config}
-model_name_or_path: {model or tiny_gpt2_dir}
+def write_dpo_config(directory: Path, base: Path, rows: list[dict] = PAIRS, extra: str = "") -> Path:
+    """A DPO config for the model dir `base` on `rows` and 8 held-out pairs, 2 steps, writing to directory/run."""
+    train = write_rows(directory / "train.jsonl", rows)
+    held_out = write_rows(directory / "test.jsonl", HELD_OUT)
+    config = directory / "dpo.yaml"
+    config.write_text(
+        f"""# accelerate launch recipes/dpo.py --config {config}
+model_name_or_path: {base}
 train_files: [{train}]
 validation_files: [{held_out}]
-output_dir: {tmp_path}/run
+output_dir: {directory}/run
 max_length: 64
 per_device_train_batch_size: 4
 per_device_eval_batch_size: 4
@@ -53,8 +50,16 @@ logging_steps: 1
 learning_rate: 1.0e-2
 sample_max_new_tokens: 4
 {extra}"""
-        )
-        return config
+    )
+    return config
+
+
+@pytest.fixture
+def dpo_config(tmp_path: Path, tiny_gpt2_dir: Path):
+    """Factory: a DPO config for the tiny GPT-2 on 24 training pairs and 8 held-out pairs, 2 steps."""
+
+    def make(rows: list[dict] = PAIRS, extra: str = "", model: Path | None = None) -> Path:
+        return write_dpo_config(tmp_path, model or tiny_gpt2_dir, rows, extra)
 
     return make
 

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from conftest import load_recipe, write_config
 from hub_server import FakeHub, FakeHubServer
+from test_dpo import write_dpo_config
 from test_sft import write_sft_config
 
 from hfpipe import cli
@@ -149,6 +150,15 @@ def test_pretrained_model_pushes_under_the_run_name(hub: FakeHub, tiny_config, p
     assert not any(name.endswith((".bin", ".pt")) or "checkpoint" in name for name in files)  # no pickles
     assert hub.repos["tester/run"]["private"] is False
     assert "a GPT-2 built from scratch" in files["README.md"].decode()
+
+
+def test_dpo_run_pushes_with_its_reward_plot(hub: FakeHub, tmp_path: Path, tiny_gpt2_dir: Path) -> None:
+    config = write_dpo_config(tmp_path, tiny_gpt2_dir, extra="push_to_hub: true\nhub_model_id: team/tiny-dpo\n")
+    load_recipe("dpo").main(["--config", str(config)])
+    files = hub.files["team/tiny-dpo"]  # an organisation the token's account belongs to
+    assert {"model.safetensors", "rewards.png", "loss.png", "hfpipe_config.yaml"} <= set(files)
+    assert {"hfpipe", "dpo", "trl"} <= set(card_metadata(files["README.md"])["tags"])
+    assert "Preference alignment (DPO)" in files["README.md"].decode()
 
 
 def test_refused_push_keeps_the_run_and_says_how_to_retry(
