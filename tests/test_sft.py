@@ -252,12 +252,14 @@ def test_fast_trainer_gives_trls_loss_and_gradients(architecture: str, tiny_gpt2
     from hfpipe.trainers import FastSFTTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
-    rows = Dataset.from_list([convert_row(row, "instruction", False, None) for row in ROWS[:4]])
+    varied = [{"instruction": "Who?", "input": "", "output": "Lear." + " Yes." * i} for i in range(4)]
+    rows = Dataset.from_list([convert_row(row, "instruction", False, None) for row in varied])
     args = cpu_sft_args(max_length=64, per_device_train_batch_size=4)
     model_dir, peft_config = tiny_gpt2_dir, None
-    if architecture == "llama-lora":
+    if architecture == "llama-lora":  # with grouped-query attention (4 query heads, 2 key/value heads)
         torch.manual_seed(0)
-        shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+        shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+        shape["num_key_value_heads"] = 2
         LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **shape)).save_pretrained(tmp_path / "llama")
         model_dir, peft_config = tmp_path / "llama", LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
     results = []
@@ -269,6 +271,7 @@ def test_fast_trainer_gives_trls_loss_and_gradients(architecture: str, tiny_gpt2
         trainer = make(model=model, args=args, train_dataset=rows, processing_class=tokenizer, peft_config=peft_config)
         batch = next(iter(trainer.get_train_dataloader()))
         assert (batch["labels"] == -100).sum() > (batch["attention_mask"] == 0).sum()  # prompts are masked too
+        assert (batch["attention_mask"] == 0).any()  # rows of different lengths: padding is handled
         trainer.model.train()
         loss = trainer.compute_loss(trainer.model, batch)
         loss.backward()

@@ -2,33 +2,115 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from peft import PeftModel
-from transformers import Trainer
+from transformers import AttentionInterface, Trainer
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from trl import SFTTrainer
 
 # What the model's forward needs from TRL's collated batch; the rest (masks TRL already folded into the
 # labels) is not a model input.
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
-# Architectures whose logits are exactly output_embeddings(decoder(...).last_hidden_state): no logit soft-capping
-# or scaling after the head. Others keep the model's own loss.
+# Architectures whose logits are exactly output_embeddings(decoder(...).last_hidden_state) (no logit soft-capping or
+# scaling after the head) and whose attention goes through transformers' AttentionInterface. Others keep the
+# model's own loss.
 PLAIN_HEAD_MODELS = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gpt_neox", "olmo2", "smollm3"})
+
+
+UNPADDED_ATTENTION = "hfpipe_unpadded"
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where the real tokens of a right-padded batch sit: `index` into the flattened (rows x width) batch, and the
+    additive attention mask of the padded layout (causal, pads masked)."""
+
+    rows: int
+    width: int
+    index: torch.Tensor
+    mask: torch.Tensor
+
+
+def unpadded_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    row_layout: RowLayout | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention for a batch whose real tokens were concatenated (1 x tokens): the queries, keys and values go back
+    to the padded (rows x width) layout, attend within their own row only (causal, pads masked), and return
+    concatenated. Everything else in the model (projections, MLP, norms) then runs on real tokens only."""
+    layout = row_layout
+    heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[-1]
+
+    def padded(states: torch.Tensor) -> torch.Tensor:  # (1, h, tokens, d) -> (rows, h, width, d)
+        count = states.shape[1]
+        flat = states.new_zeros(layout.rows * layout.width, count, dim)
+        flat = flat.index_copy(0, layout.index, states[0].transpose(0, 1))
+        return flat.view(layout.rows, layout.width, count, dim).transpose(1, 2)
+
+    keys, values = padded(key), padded(value)
+    if kv_heads != heads:  # grouped-query attention
+        keys, values = keys.repeat_interleave(heads // kv_heads, 1), values.repeat_interleave(heads // kv_heads, 1)
+    weights = torch.matmul(padded(query), keys.transpose(2, 3)) * (scaling or dim**-0.5) + layout.mask
+    weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(values.dtype)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, values).transpose(1, 2).reshape(layout.rows * layout.width, heads, dim)
+    return output.index_select(0, layout.index)[None], None
+
+
+AttentionInterface.register(UNPADDED_ATTENTION, unpadded_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(UNPADDED_ATTENTION, lambda *args, **kwargs: None)  # RowLayout has the mask
+
+
+def row_layout(attention_mask: torch.Tensor) -> RowLayout:
+    """The RowLayout of a padded batch (either side) from its attention mask."""
+    rows, width = attention_mask.shape
+    real = attention_mask.bool()
+    allowed = torch.ones(width, width, dtype=torch.bool, device=real.device).tril()[None] & real[:, None, :]
+    mask = torch.zeros(allowed.shape, device=real.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return RowLayout(rows, width, real.flatten().nonzero().squeeze(1), mask[:, None])
+
+
+@contextlib.contextmanager
+def attention_implementation(model: torch.nn.Module, name: str) -> Iterator[None]:
+    """Switch the model's attention implementation for the duration of the block."""
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = name
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = previous
 
 
 def labelled_positions_loss(
     model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None
 ) -> torch.Tensor:
-    """The causal-LM loss with the LM head applied only where a label is set: the same value as the model's own
-    loss (sum over labelled tokens / `num_items_in_batch`, or their mean), without the logits of prompt and padding
-    positions, which completion-only SFT does not train on."""
+    """The causal-LM loss of a right-padded batch computed on its real tokens only: the decoder runs on the rows'
+    tokens concatenated (UNPADDED_ATTENTION keeps each row to itself), and the LM head only where a label is set.
+    The same value as the model's own loss (sum over labelled tokens / `num_items_in_batch`, or their mean), without
+    the work on padding and on the logits of prompt positions, which completion-only SFT does not train on."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    model_inputs = {key: inputs[key] for key in ("input_ids", "attention_mask", "position_ids") if key in inputs}
-    hidden = base.get_decoder()(**model_inputs).last_hidden_state
-    targets = inputs["labels"][:, 1:]
+    real = inputs["attention_mask"].bool()
+    positions = (real.cumsum(1) - 1)[real][None]  # each row's own positions, whichever side it is padded on
+    targets = inputs["labels"][real]  # each token's label; the prediction for it comes from the token before
+    targets = torch.where(positions[0] == 0, -100, targets)[1:]  # no prediction across the start of a row
+    with attention_implementation(base, UNPADDED_ATTENTION):
+        hidden = base.get_decoder()(
+            input_ids=inputs["input_ids"][real][None], position_ids=positions, row_layout=row_layout(real)
+        ).last_hidden_state[0]
     keep = targets != -100
-    logits = base.get_output_embeddings()(hidden[:, :-1][keep])
+    logits = base.get_output_embeddings()(hidden[:-1][keep])
     if num_items_in_batch is None:
         return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
     total = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
@@ -56,6 +138,9 @@ class FastSFTTrainer(SFTTrainer):
             and self.compute_loss_func is None
             and getattr(base.config, "model_type", None) in PLAIN_HEAD_MODELS
             and base.get_output_embeddings() is not None
+            and (getattr(base.config, "sliding_window", None) or 10**9) >= (self.args.max_length or 10**9)
+            and self.args.padding_free is False
+            and not self.args.packing
         )
 
     def compute_loss(
