@@ -284,6 +284,11 @@ def test_fast_trainer_gives_trls_loss_and_gradients(architecture: str, tiny_gpt2
         torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_activation_checkpointing_keeps_the_models_own_loss(sft_config, sft_main) -> None:
+    metrics = sft_main(["--config", str(sft_config(extra="activation_checkpointing: true\n"))])
+    assert metrics["global_step"] == 2 and metrics["train_loss"] > 0  # recomputation would not see the unpadded path
+
+
 def test_dora_adapter_trains_magnitudes_too(sft_config, sft_main) -> None:
     config = sft_config(extra="use_peft: true\nuse_dora: true\nlora_r: 4\nlora_target_modules: all-linear\n")
     metrics = sft_main(["--config", str(config)])

@@ -139,9 +139,9 @@ class SFTArguments(TuningArguments):
     use_model_loss: bool | None = field(
         default=None,
         metadata={
-            "help": "Compute the loss with the model's own linear head + cross-entropy, applied to labelled positions "
-            "only, instead of TRL's fused LM head. Default: on CPU (where TRL's fused head falls back to a path "
-            "2.5-2.9x slower), off on GPUs."
+            "help": "Compute the loss with the model's own linear head + cross-entropy, without work on padding or on "
+            "the logits of unlabelled positions, instead of TRL's fused LM head. Default: on CPU (where TRL's fused "
+            "head falls back to a path 2.5-2.9x slower), off on GPUs."
         },
     )
 

@@ -1,4 +1,5 @@
-"""The SFT trainer: TRL's SFTTrainer with a faster training loss on CPU (see SFTArguments.use_model_loss)."""
+"""The SFT trainer: TRL's SFTTrainer with a faster training loss on CPU (see SFTArguments.use_model_loss): no
+work on padding or on the logits of positions without a label, the same loss and gradients."""
 
 from __future__ import annotations
 
@@ -119,10 +120,10 @@ def labelled_positions_loss(
 
 class FastSFTTrainer(SFTTrainer):
     """SFTTrainer whose training loss, with `model_loss`, comes from the model's own head and cross-entropy instead
-    of TRL's fused LM head (on CPU that falls back to a path 2.5-2.9x slower), the head applied to labelled positions
-    only where the architecture allows it and one process trains. The labels TRL builds (prompt and padding at
-    -100) are the same, so the loss is the same; TRL's extra training metrics (entropy, token accuracy) are not
-    logged."""
+    of TRL's fused LM head (on CPU that falls back to a path 2.5-2.9x slower). Where the architecture allows it and
+    one process trains, `labelled_positions_loss` also skips the padding and the logits of unlabelled positions.
+    The labels TRL builds (prompt and padding at -100) are the same, so the loss is the same; TRL's extra training
+    metrics (entropy, token accuracy) are not logged."""
 
     def __init__(self, *args: Any, model_loss: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -141,6 +142,8 @@ class FastSFTTrainer(SFTTrainer):
             and (getattr(base.config, "sliding_window", None) or 10**9) >= (self.args.max_length or 10**9)
             and self.args.padding_free is False
             and not self.args.packing
+            # Recomputation in the backward would run outside the switch to UNPADDED_ATTENTION.
+            and not (self.args.activation_checkpointing or self.args.gradient_checkpointing)
         )
 
     def compute_loss(
