@@ -28,7 +28,7 @@ UNPADDED_ATTENTION = "hfpipe_unpadded"
 
 @dataclass(frozen=True)
 class RowLayout:
-    """Where the real tokens of a right-padded batch sit: `index` into the flattened (rows x width) batch, and the
+    """Where the real tokens of a padded batch sit: `index` into the flattened (rows x width) batch, and the
     additive attention mask of the padded layout (causal, pads masked)."""
 
     rows: int
@@ -97,7 +97,7 @@ def attention_implementation(model: torch.nn.Module, name: str) -> Iterator[None
 def labelled_positions_loss(
     model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None
 ) -> torch.Tensor:
-    """The causal-LM loss of a right-padded batch computed on its real tokens only: the decoder runs on the rows'
+    """The causal-LM loss of a padded batch computed on its real tokens only: the decoder runs on the rows'
     tokens concatenated (UNPADDED_ATTENTION keeps each row to itself), and the LM head only where a label is set.
     The same value as the model's own loss (sum over labelled tokens / `num_items_in_batch`, or their mean), without
     the work on padding and on the logits of prompt positions, which completion-only SFT does not train on."""
