@@ -11,6 +11,7 @@ import torch
 from hfpipe.errors import ConfigError
 
 ModelSize = Literal["micro", "tiny", "small", "medium", "large", "xl"]
+HubUpload = Literal["auto", "adapter", "merged", "both"]
 
 
 @dataclass
@@ -85,7 +86,7 @@ class RunArguments:
         default=None, metadata={"help": "Prompts for sample generations. Default: starts of validation blocks."}
     )
     sample_max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated per sample."})
-    hub_upload: Literal["auto", "adapter", "merged", "both"] = field(
+    hub_upload: HubUpload = field(
         default="auto",
         metadata={
             "help": "What push_to_hub uploads from a LoRA run: the adapter, the merged model, or both (merged at the "

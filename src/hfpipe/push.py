@@ -9,16 +9,18 @@ hub_private_repo: false).
 from __future__ import annotations
 
 import argparse
+import typing
 from pathlib import Path
 
 import yaml
 
+from hfpipe.args import HubUpload
 from hfpipe.errors import ConfigError
 from hfpipe.hub import HubTarget, check_hub_access, check_repo_id, push_run
 from hfpipe.hub_files import choose_upload
 from hfpipe.run import is_finished
 
-UPLOAD_CHOICES = ("auto", "adapter", "merged", "both")
+UPLOAD_CHOICES = typing.get_args(HubUpload)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

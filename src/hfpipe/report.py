@@ -38,6 +38,11 @@ def git_commit() -> str:
     return commit.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
+def run_versions() -> dict[str, str]:
+    """What a run records of the software it trained with: the stack's versions and the git commit."""
+    return {**stack_versions(), "git commit": git_commit()}
+
+
 def _samples_by_step(output_dir: Path) -> list[tuple[int, list[dict[str, Any]]]]:
     path = output_dir / "samples.jsonl"
     if not path.is_file():
@@ -55,7 +60,7 @@ def report_sections(output_dir: Path) -> list[tuple[str, str, Any]]:
     )
     metrics = json.loads((output_dir / "metrics.json").read_text())
     sources = metrics.pop("data_sources", None)
-    versions = metrics.pop("versions", None) or {**stack_versions(), "git commit": git_commit()}  # as trained
+    versions = metrics.pop("versions", None) or run_versions()  # as trained (older runs: as now)
     sections: list[tuple[str, str, Any]] = [
         ("Results", "table", {key: value for key, value in metrics.items() if not isinstance(value, (dict, list))}),
         ("Configuration (as resolved; reruns the run)", "code", config_text),

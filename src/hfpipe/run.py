@@ -19,7 +19,7 @@ from hfpipe.config import public_settings
 from hfpipe.errors import ConfigError
 from hfpipe.hub import HUB_RECORD
 from hfpipe.plots import plot_losses
-from hfpipe.report import git_commit, stack_versions, write_report
+from hfpipe.report import run_versions, write_report
 
 METRICS_FILE = "metrics.json"  # written last: its presence marks a finished run
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -217,7 +217,7 @@ def write_records(
         "best_checkpoint": state.best_model_checkpoint,
         "best_eval_loss": state.best_metric,
         "hfpipe_version": __version__,
-        "versions": {**stack_versions(), "git commit": git_commit()},
+        "versions": run_versions(),
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     plot_losses(state.log_history, output_dir / "loss.png", run_name)
