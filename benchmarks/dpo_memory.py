@@ -34,18 +34,18 @@ BATCH, MAX_LENGTH, LR = 4, 128, 5e-6
 def build_model(name: str, work: Path) -> Path:
     """The model dir: SmolLM2-135M-Instruct converted from the shipped GGUF, or a 23M-parameter GPT-2 from config
     (an 8k BPE trained on the corpus, the chatml template: both render the rows with a chat template)."""
-    from hfpipe.data import cache_root
-    from hfpipe.gguf import resolve_model_path
+    from hfpipe.data.files import cache_root
+    from hfpipe.models.gguf import resolve_model_path
 
     if name == "smollm2-135m":
         return Path(resolve_model_path("smollm2-135m-instruct", cache_root()))
     from transformers import set_seed
 
-    from hfpipe.args import DataArguments
-    from hfpipe.chat_templates import apply_chat_template_choice
-    from hfpipe.data import iter_texts, load_raw_splits
-    from hfpipe.modeling import build_gpt2
-    from hfpipe.tokenizer import train_bpe
+    from hfpipe.data.chat_templates import apply_chat_template_choice
+    from hfpipe.data.files import iter_texts, load_raw_splits
+    from hfpipe.data.tokenizers import train_bpe
+    from hfpipe.models.gpt2 import build_gpt2
+    from hfpipe.sections import DataArguments
 
     raw = load_raw_splits(DataArguments(train_files=[str(ROOT / "data/shakespeare/train/*.txt")]), "bench")
     tokenizer = train_bpe(iter_texts(raw["train"]), 8192)

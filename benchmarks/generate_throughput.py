@@ -34,7 +34,7 @@ import torch
 from readme_table import write_marked_table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hfpipe.generation import add_arguments, decode, encode_prompt, generate_ids, prepare, render_prompt
+from hfpipe.tools.generate import add_arguments, decode, encode_prompt, generate_ids, prepare, render_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -60,8 +60,8 @@ def instruction_prompts(count: int = 8) -> list[str]:
 def build_random_gpt2(directory: Path, shape: dict[str, int], tokenizer_dir: Path | None) -> Path:
     """A randomly initialised GPT-2 of `shape`, saved with the quickstart tokenizer (or a 2k BPE trained on the
     shipped corpus when there is none)."""
-    from hfpipe.modeling import build_gpt2
-    from hfpipe.tokenizer import train_bpe
+    from hfpipe.data.tokenizers import train_bpe
+    from hfpipe.models.gpt2 import build_gpt2
 
     if tokenizer_dir is not None:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)

@@ -27,10 +27,10 @@ import torch
 from readme_table import write_marked_table
 from transformers import TrainingArguments, get_scheduler, set_seed
 
-from hfpipe.args import DataArguments, GPT2ShapeArguments, RunArguments
-from hfpipe.data import load_raw_splits
-from hfpipe.modeling import build_gpt2, check_shape
-from hfpipe.pretraining import load_blocks, load_tokenizer, parse_pretrain
+from hfpipe.data.files import load_raw_splits
+from hfpipe.models.gpt2 import build_gpt2, check_shape
+from hfpipe.sections import DataArguments, GPT2ShapeArguments, RunArguments
+from hfpipe.train.pretrain import load_blocks, load_tokenizer, parse_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

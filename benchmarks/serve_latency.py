@@ -40,8 +40,8 @@ def build_fallback_model(work: Path) -> Path:
     """A random GPT-2 of the quickstart shape with a 2048-entry BPE tokenizer trained on the shipped corpus."""
     from transformers import set_seed
 
-    from hfpipe.modeling import build_gpt2
-    from hfpipe.tokenizer import train_bpe
+    from hfpipe.data.tokenizers import train_bpe
+    from hfpipe.models.gpt2 import build_gpt2
 
     texts = [path.read_text(encoding="utf-8") for path in sorted((ROOT / "data/shakespeare/train").glob("*.txt"))]
     tokenizer = train_bpe(texts, 2048)
@@ -111,7 +111,7 @@ def time_in_process(loaded, prompt: str, max_tokens: int) -> dict:
     import torch
     from transformers import TextIteratorStreamer
 
-    from hfpipe.generation import build_generation_config, encode_prompt, render_chat_prompt
+    from hfpipe.tools.generate import build_generation_config, encode_prompt, render_chat_prompt
 
     tokenizer = loaded.tokenizer
     start = time.perf_counter()
@@ -189,7 +189,7 @@ def main() -> None:
     import openai
     import torch
 
-    from hfpipe.inference import load_for_inference
+    from hfpipe.models.trained import load_for_inference
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as work:

@@ -57,11 +57,11 @@ def build_assets(work: Path, long_rows: bool) -> tuple[Path, Path]:
     from datasets import Dataset
     from transformers import set_seed
 
-    from hfpipe.args import DataArguments
-    from hfpipe.data import iter_texts, load_raw_splits
-    from hfpipe.modeling import build_gpt2
-    from hfpipe.sft_data import Source, prepare_source
-    from hfpipe.tokenizer import train_bpe
+    from hfpipe.data.files import iter_texts, load_raw_splits
+    from hfpipe.data.sft_rows import Source, prepare_source
+    from hfpipe.data.tokenizers import train_bpe
+    from hfpipe.models.gpt2 import build_gpt2
+    from hfpipe.sections import DataArguments
 
     raw = load_raw_splits(DataArguments(train_files=[str(ROOT / "data/shakespeare/train/*.txt")]), "bench")
     tokenizer = train_bpe(iter_texts(raw["train"]), 8192)

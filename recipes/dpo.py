@@ -16,7 +16,14 @@ from pathlib import Path
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
-from hfpipe.alignment import (
+from hfpipe.devices import use_cpu_cores
+from hfpipe.errors import exit_on_user_error
+from hfpipe.evaluation.evaluate import EvalArguments, evaluate_after_training
+from hfpipe.hub.publish import push_run, take_push_request
+from hfpipe.models.trained import save_merged_model
+from hfpipe.sections import DPOArguments, RunArguments
+from hfpipe.train.callbacks import LogExtrasCallback, SampleCallback
+from hfpipe.train.dpo import (
     count_pair_tokens,
     load_policy,
     parse_dpo,
@@ -25,15 +32,9 @@ from hfpipe.alignment import (
     resolved_settings,
     reward_metrics_at_start,
 )
-from hfpipe.args import DPOArguments, RunArguments, use_cpu_cores
-from hfpipe.callbacks import LogExtrasCallback, SampleCallback
-from hfpipe.errors import exit_on_user_error
-from hfpipe.evaluation import EvalArguments, evaluate_after_training
-from hfpipe.finetuning import load_splits, load_tokenizer, sample_prompts
-from hfpipe.hub import push_run, take_push_request
-from hfpipe.inference import save_merged_model
-from hfpipe.plots import plot_rewards
-from hfpipe.run import prepare_output_dir, save_and_evaluate, save_run_config, train, write_records
+from hfpipe.train.plots import plot_rewards
+from hfpipe.train.run import prepare_output_dir, save_and_evaluate, save_run_config, train, write_records
+from hfpipe.train.sft import load_splits, load_tokenizer, sample_prompts
 
 
 @exit_on_user_error

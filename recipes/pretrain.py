@@ -13,13 +13,14 @@ from pathlib import Path
 
 from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
-from hfpipe.args import DataArguments, RunArguments, use_cpu_cores
-from hfpipe.callbacks import LogExtrasCallback, RankReportCallback, SampleCallback
-from hfpipe.data import load_raw_splits
+from hfpipe.data.files import load_raw_splits
+from hfpipe.devices import use_cpu_cores
 from hfpipe.errors import exit_on_user_error
-from hfpipe.evaluation import EvalArguments, evaluate_after_training
-from hfpipe.hub import push_run, take_push_request
-from hfpipe.pretraining import (
+from hfpipe.evaluation.evaluate import EvalArguments, evaluate_after_training
+from hfpipe.hub.publish import push_run, take_push_request
+from hfpipe.sections import DataArguments, RunArguments
+from hfpipe.train.callbacks import LogExtrasCallback, RankReportCallback, SampleCallback
+from hfpipe.train.pretrain import (
     default_prompts,
     load_blocks,
     load_model,
@@ -27,7 +28,7 @@ from hfpipe.pretraining import (
     parse_pretrain,
     resolved_settings,
 )
-from hfpipe.run import finish, prepare_output_dir, save_run_config, train
+from hfpipe.train.run import finish, prepare_output_dir, save_run_config, train
 
 
 @exit_on_user_error

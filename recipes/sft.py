@@ -15,11 +15,14 @@ from pathlib import Path
 from transformers import set_seed
 from trl import SFTConfig
 
-from hfpipe.args import RunArguments, SFTArguments, use_cpu_cores
-from hfpipe.callbacks import LogExtrasCallback, SampleCallback
+from hfpipe.devices import use_cpu_cores
 from hfpipe.errors import exit_on_user_error
-from hfpipe.evaluation import EvalArguments, evaluate_after_training
-from hfpipe.finetuning import (
+from hfpipe.evaluation.evaluate import EvalArguments, evaluate_after_training
+from hfpipe.hub.publish import push_run, take_push_request
+from hfpipe.sections import RunArguments, SFTArguments
+from hfpipe.train.callbacks import LogExtrasCallback, SampleCallback
+from hfpipe.train.run import prepare_output_dir, save_and_evaluate, save_run_config, train, write_records
+from hfpipe.train.sft import (
     assistant_loss_mode,
     check_and_merge,
     greedy_stop_rate,
@@ -33,9 +36,7 @@ from hfpipe.finetuning import (
     resolved_settings,
     sample_prompts,
 )
-from hfpipe.hub import push_run, take_push_request
-from hfpipe.run import prepare_output_dir, save_and_evaluate, save_run_config, train, write_records
-from hfpipe.trainers import FastSFTTrainer
+from hfpipe.train.sft_trainer import FastSFTTrainer
 
 
 @exit_on_user_error

@@ -14,7 +14,7 @@ import random
 import re
 from pathlib import Path
 
-from hfpipe.corpus import shakespeare_texts
+from hfpipe.data.corpus import shakespeare_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "data" / "instructions"

@@ -35,7 +35,7 @@ from collections import Counter
 from pathlib import Path
 from types import ModuleType
 
-from hfpipe.corpus import shakespeare_texts
+from hfpipe.data.corpus import shakespeare_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "data" / "instructions"

@@ -110,7 +110,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A byte-level BPE tokenizer with 320 entries trained on the corpus."""
-    from hfpipe.tokenizer import train_bpe
+    from hfpipe.data.tokenizers import train_bpe
 
     texts = [path.read_text() for path in sorted((corpus / "train").glob("*.txt"))]
     directory = tmp_path_factory.mktemp("tokenizer")
@@ -124,7 +124,7 @@ def tiny_gpt2_dir(tiny_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFac
     import torch
     from transformers import AutoTokenizer
 
-    from hfpipe.modeling import build_gpt2
+    from hfpipe.models.gpt2 import build_gpt2
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hfpipe.chat import ChatSession, Settings, chat_loop, handle_command, initial_settings, trim_history
-from hfpipe.inference import load_for_inference
+from hfpipe.models.trained import load_for_inference
+from hfpipe.tools.chat import ChatSession, Settings, chat_loop, handle_command, initial_settings, trim_history
 
 
 def settings() -> Settings:
@@ -125,7 +125,7 @@ def long_context_dir(tiny_tokenizer_dir: Path, tmp_path_factory: pytest.TempPath
     """A 2-layer GPT-2 with 256 positions: room for a few turns in the instruction layout (41 tokens a prompt)."""
     import torch
 
-    from hfpipe.modeling import build_gpt2
+    from hfpipe.models.gpt2 import build_gpt2
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
@@ -174,7 +174,7 @@ def test_loop_runs_commands_and_quits_on_eof(tiny_gpt2_dir: Path, capsys: pytest
 @pytest.fixture
 def outputs_with_a_templated_run(tiny_gpt2_dir: Path, tmp_path: Path) -> Path:
     """A working dir whose outputs/ holds one finished SFT run: the tiny GPT-2 with the chatml template."""
-    from hfpipe.chat_templates import apply_chat_template_choice, fit_model_to_tokenizer
+    from hfpipe.data.chat_templates import apply_chat_template_choice, fit_model_to_tokenizer
 
     run = tmp_path / "outputs" / "tiny-sft"
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)

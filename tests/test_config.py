@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, write_config
 
-from hfpipe.alignment import parse_dpo
-from hfpipe.args import cpu_has_native_bf16
 from hfpipe.cli import main as hfpipe_main
-from hfpipe.config import recipe_of
-from hfpipe.finetuning import parse_sft
-from hfpipe.pretraining import parse_pretrain
+from hfpipe.devices import cpu_has_native_bf16
+from hfpipe.stages import stage_named_in
+from hfpipe.train.dpo import parse_dpo
+from hfpipe.train.pretrain import parse_pretrain
+from hfpipe.train.sft import parse_sft
 
 SHIPPED = sorted((ROOT / "configs").glob("**/*.yaml"))
 PIPELINES = [path for path in SHIPPED if path.read_text().startswith("# hfpipe pipeline ")]
@@ -23,7 +23,7 @@ RECIPE_CONFIGS = [path for path in SHIPPED if "accelerate" not in path.parts and
 @pytest.fixture(scope="module", autouse=True)
 def shakespeare_prepared() -> None:
     """Shipped configs point at data/shakespeare, which the setup prepares."""
-    from hfpipe.corpus import prepare_shakespeare
+    from hfpipe.data.corpus import prepare_shakespeare
 
     prepare_shakespeare(ROOT / "data" / "shakespeare")
 
@@ -37,7 +37,7 @@ def test_every_shipped_config_starts_with_its_command(path: Path) -> None:
 @pytest.mark.parametrize("path", RECIPE_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_recipe_config_parses(path: Path, monkeypatch: pytest.MonkeyPatch, tiny_gpt2_dir: Path) -> None:
     monkeypatch.chdir(ROOT)
-    recipe = recipe_of(path)
+    recipe = stage_named_in(path)
     parse = {"pretrain": parse_pretrain, "sft": parse_sft, "dpo": parse_dpo}[recipe]
     flags = ["--output_dir", "/nonexistent/run"]
     if "model_name_or_path: outputs/" in path.read_text():  # an earlier stage's output, absent in a fresh clone
@@ -175,7 +175,7 @@ def test_check_command_rejects_bad_config(tmp_path: Path, capsys) -> None:
 
 
 def test_secrets_never_reach_the_saved_config(tmp_path: Path) -> None:
-    from hfpipe.run import save_resolved_config
+    from hfpipe.train.run import save_resolved_config
 
     path = save_resolved_config(tmp_path, "pretrain", {"hub_token": "hf_secret123", "learning_rate": 1e-3})
     assert "hf_secret123" not in path.read_text()
@@ -184,7 +184,7 @@ def test_secrets_never_reach_the_saved_config(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("path", PIPELINES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_pipeline_checks_all_its_stages(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from hfpipe.pipeline import plan, read_pipeline
+    from hfpipe.tools.pipeline import plan, read_pipeline
 
     monkeypatch.chdir(ROOT)
     stages, _, _ = read_pipeline(path.relative_to(ROOT))

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from hfpipe.args import DataArguments
-from hfpipe.data import load_raw_splits, pack_texts
+from hfpipe.data.files import load_raw_splits, pack_texts
 from hfpipe.errors import DataError
+from hfpipe.sections import DataArguments
 
 DOCUMENTS = ["First document, with a line.\nAnd a second line.", "Second document.", "Third, the last one."]
 

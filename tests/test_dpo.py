@@ -12,9 +12,9 @@ from conftest import load_recipe
 from datasets import Dataset
 from safetensors.torch import load_file
 
-from hfpipe.args import TuningArguments
-from hfpipe.preference_data import prepare_preference_rows
-from hfpipe.sft_data import Source
+from hfpipe.data.preference_rows import prepare_preference_rows
+from hfpipe.data.sft_rows import Source
+from hfpipe.sections import TuningArguments
 
 PAIRS = [{"instruction": f"King {i}?", "chosen": f"Lear {i}.", "rejected": "No."} for i in range(24)]
 HELD_OUT = [{"instruction": f"Queen {i}?", "chosen": f"Hermione {i}.", "rejected": "None."} for i in range(8)]
@@ -128,16 +128,16 @@ def test_short_full_run_uses_a_frozen_copy(dpo_config, dpo_recipe, monkeypatch) 
 
 
 def count_model_loads(monkeypatch) -> list[str]:
-    import hfpipe.alignment
+    import hfpipe.train.dpo
 
     loads: list[str] = []
-    original = hfpipe.alignment.load_model
+    original = hfpipe.train.dpo.load_model
 
     def counting(parsed, name, tokenizer):
         loads.append(name)
         return original(parsed, name, tokenizer)
 
-    monkeypatch.setattr(hfpipe.alignment, "load_model", counting)
+    monkeypatch.setattr(hfpipe.train.dpo, "load_model", counting)
     return loads
 
 
@@ -189,7 +189,7 @@ def test_sft_adapter_is_continued_against_its_own_copy(dpo_config, dpo_recipe, s
 
 
 def test_sft_adapter_merged_then_a_new_adapter(dpo_config, dpo_recipe, sft_adapter) -> None:
-    from hfpipe.inference import load_for_inference
+    from hfpipe.models.trained import load_for_inference
 
     config = dpo_config(model=sft_adapter, extra="sft_adapter: merge\nuse_peft: true\nlora_r: 4\n")
     metrics = dpo_recipe.main(["--config", str(config)])

@@ -14,9 +14,9 @@ import torch
 
 from hfpipe.cli import main
 from hfpipe.errors import ConfigError, DataError
-from hfpipe.evaluation import EvalArguments, check_eval_args, run_evaluations
-from hfpipe.inference import LoadedModel, load_for_inference
-from hfpipe.scoring import ChoiceRow, PreferenceRow, choice_logprobs, preference_logprobs, render_preference
+from hfpipe.evaluation.evaluate import EvalArguments, check_eval_args, run_evaluations
+from hfpipe.evaluation.scoring import ChoiceRow, PreferenceRow, choice_logprobs, preference_logprobs, render_preference
+from hfpipe.models.trained import LoadedModel, load_for_inference
 
 PROSE = "The king doth speak of love and death, and the queen shall hear. "
 
@@ -185,7 +185,7 @@ def test_preference_accuracy_prefers_a_memorised_answer(tiny_gpt2_dir: Path, tmp
 def test_preference_rows_render_as_dpo_trains_on_them(tiny_tokenizer_dir: Path) -> None:
     from transformers import AutoTokenizer
 
-    from hfpipe.chat_templates import CHATML
+    from hfpipe.data.chat_templates import CHATML
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     raw = PreferenceRow({"prompt": "Q: who?\nA:", "chosen": " Him.", "rejected": " Her."}, "prompt")
@@ -295,7 +295,7 @@ ROWS = {"context": "The king", "endings": ["speaks", "hears"], "label": 0}
 def test_bad_input_is_one_clear_line_before_the_model_loads(
     flag: str | None, lines: list | None, expected: str, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("hfpipe.inference.load_for_inference", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("hfpipe.models.trained.load_for_inference", lambda *a, **k: pytest.fail("the model was loaded"))
     argv = ["some/model"]
     if lines is not None:
         argv += [flag, str(write_jsonl(tmp_path / "mc.jsonl", lines))]

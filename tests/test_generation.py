@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from hfpipe.cli import main as hfpipe_main
-from hfpipe.generation import (
+from hfpipe.tools.generate import (
     COMPARE_STRATEGIES,
     build_generation_config,
     check_sampling_values,
@@ -38,7 +38,7 @@ def model_and_tokenizer(tiny_gpt2_dir: Path):
 @pytest.fixture(scope="module")
 def chatml_dir(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny GPT-2 with the built-in chatml template (tokens added, EOS <|im_end|>), as SFT leaves it."""
-    from hfpipe.chat_templates import apply_chat_template_choice, fit_model_to_tokenizer
+    from hfpipe.data.chat_templates import apply_chat_template_choice, fit_model_to_tokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
@@ -215,7 +215,7 @@ def test_prompt_longer_than_the_context_is_one_line_with_counts(
 
 
 def test_formats_follow_the_template_or_the_run(tiny_gpt2_dir: Path, chatml_dir: Path, tuned_dir: Path) -> None:
-    from hfpipe.sft_data import INSTRUCTION_PROMPT
+    from hfpipe.data.sft_rows import INSTRUCTION_PROMPT
 
     plain = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
     templated = AutoTokenizer.from_pretrained(chatml_dir)

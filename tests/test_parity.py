@@ -14,8 +14,8 @@ from conftest import load_recipe
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hfpipe.generation import add_arguments, generate_ids, prepare
-from hfpipe.inference import load_for_inference
+from hfpipe.models.trained import load_for_inference
+from hfpipe.tools.generate import add_arguments, generate_ids, prepare
 
 PROMPT = "the king shall"
 

@@ -76,8 +76,8 @@ output_dir: {tmp_path}/run
 
 
 def test_resaved_config_reruns_the_same_settings(tiny_config) -> None:
-    from hfpipe.pretraining import parse_pretrain, resolved_settings
-    from hfpipe.run import save_resolved_config
+    from hfpipe.train.pretrain import parse_pretrain, resolved_settings
+    from hfpipe.train.run import save_resolved_config
 
     first = parse_pretrain(["--config", str(tiny_config()), "--learning_rate", "2e-3"])
     saved = save_resolved_config(

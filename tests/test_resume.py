@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT
 from safetensors.torch import load_file
 
-from hfpipe.run import last_complete_checkpoint
+from hfpipe.rundir import last_complete_checkpoint
 
 RECIPE = str(ROOT / "recipes" / "pretrain.py")
 # Dropout on, so that resuming must also restore the RNG streams to match.

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING
 import openai
 import pytest
 
-from hfpipe.inference import LoadedModel, load_for_inference
-from hfpipe.serve import create_app, default_model_id
-from hfpipe.serving import StopFilter
+from hfpipe.models.trained import LoadedModel, load_for_inference
+from hfpipe.tools.serve import create_app, default_model_id
+from hfpipe.tools.serve_worker import StopFilter
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -277,7 +277,7 @@ def test_concurrent_requests_each_get_their_own_answer(client: openai.OpenAI) ->
 
 
 def test_chat_template_model_renders_with_its_template(loaded: LoadedModel, tmp_path: Path) -> None:
-    from hfpipe.chat_templates import apply_chat_template_choice, fit_model_to_tokenizer
+    from hfpipe.data.chat_templates import apply_chat_template_choice, fit_model_to_tokenizer
 
     tokenizer = loaded.tokenizer.__class__.from_pretrained(loaded.path)
     apply_chat_template_choice("chatml", tokenizer)
@@ -295,7 +295,7 @@ def test_chat_template_model_renders_with_its_template(loaded: LoadedModel, tmp_
 
 
 def test_conversation_without_template_uses_the_instruction_layout(client: openai.OpenAI, loaded: LoadedModel) -> None:
-    from hfpipe.generation import encode_prompt, render_chat_prompt
+    from hfpipe.tools.generate import encode_prompt, render_chat_prompt
 
     messages = [
         {"role": "system", "content": "Be brief."},

@@ -11,7 +11,7 @@ from conftest import load_recipe
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hfpipe.chat_templates import check_saved_model
+from hfpipe.data.chat_templates import check_saved_model
 
 ROWS = [
     {"instruction": f"Who is king number {i}?", "input": "", "output": f"The king number {i} is Lear."}
@@ -78,7 +78,7 @@ def test_instruction_loss_covers_the_response_and_eos_only(tiny_gpt2_dir: Path) 
     from datasets import Dataset
     from trl import SFTTrainer
 
-    from hfpipe.sft_data import convert_row
+    from hfpipe.data.sft_rows import convert_row
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
@@ -99,7 +99,7 @@ def test_chatml_conversations_train_on_assistant_tokens_only(tiny_gpt2_dir: Path
     from datasets import Dataset
     from trl import SFTTrainer
 
-    from hfpipe.chat_templates import apply_chat_template_choice, fit_model_to_tokenizer
+    from hfpipe.data.chat_templates import apply_chat_template_choice, fit_model_to_tokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
@@ -248,8 +248,8 @@ def test_fast_trainer_gives_trls_loss_and_gradients(architecture: str, tiny_gpt2
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl import SFTTrainer
 
-    from hfpipe.sft_data import convert_row
-    from hfpipe.trainers import FastSFTTrainer
+    from hfpipe.data.sft_rows import convert_row
+    from hfpipe.train.sft_trainer import FastSFTTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
     varied = [{"instruction": "Who?", "input": "", "output": "Lear." + " Yes." * i} for i in range(4)]
@@ -298,7 +298,7 @@ def test_dora_adapter_trains_magnitudes_too(sft_config, sft_main) -> None:
 
 
 def test_mixture_of_two_formats_keeps_its_shares(tmp_path: Path, tiny_gpt2_dir: Path) -> None:
-    from hfpipe.finetuning import load_splits, load_tokenizer, parse_sft
+    from hfpipe.train.sft import load_splits, load_tokenizer, parse_sft
 
     instructions = write_rows(tmp_path / "a.jsonl", ROWS)  # 24 rows
     pairs = write_rows(

@@ -9,9 +9,9 @@ import pytest
 from datasets import Dataset
 from transformers import AutoTokenizer
 
+from hfpipe.data.sft_rows import Source, convert_row, detect_format, mix, prepare_source
 from hfpipe.errors import DataError
-from hfpipe.finetuning import length_report
-from hfpipe.sft_data import Source, convert_row, detect_format, mix, prepare_source
+from hfpipe.train.sft import length_report
 
 ROWS = {
     "instruction": {"instruction": "Name a king.", "input": "", "output": "Lear."},

@@ -5,51 +5,24 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from hfpipe.config import ParsedConfig, load_yaml_mapping, public_settings, recipe_of
-from hfpipe.errors import ConfigError, did_you_mean, exit_on_user_error
-
-
-def _pretrain_parsers() -> tuple[Callable[..., ParsedConfig], Callable[[ParsedConfig], dict[str, Any]]]:
-    from hfpipe.pretraining import parse_pretrain, resolved_settings
-
-    return parse_pretrain, resolved_settings
-
-
-def _sft_parsers() -> tuple[Callable[..., ParsedConfig], Callable[[ParsedConfig], dict[str, Any]]]:
-    from hfpipe.finetuning import parse_sft, resolved_settings
-
-    return parse_sft, resolved_settings
-
-
-def _dpo_parsers() -> tuple[Callable[..., ParsedConfig], Callable[[ParsedConfig], dict[str, Any]]]:
-    from hfpipe.alignment import parse_dpo, resolved_settings
-
-    return parse_dpo, resolved_settings
-
-
-# Recipe name -> loader of (parse, resolved settings); imported lazily to keep `hfpipe --help` fast.
-RECIPES: dict[str, Callable[[], tuple[Callable[..., ParsedConfig], Callable[[ParsedConfig], dict[str, Any]]]]] = {
-    "pretrain": _pretrain_parsers,
-    "sft": _sft_parsers,
-    "dpo": _dpo_parsers,
-}
-
+from hfpipe.config import ParsedConfig, load_yaml_mapping, public_settings
+from hfpipe.errors import ConfigError, exit_on_user_error
+from hfpipe.stages import get_stage, stage_named_in
 
 # After-training tools: name -> (module with add_arguments(parser) and run(args), help). A tool's module is
 # imported only when that tool runs, to keep `hfpipe --help` and `hfpipe check` fast.
 TOOLS: dict[str, tuple[str, str]] = {
-    "generate": ("hfpipe.generation", "generate text from a model dir, an adapter dir or a Hub id"),
-    "chat": ("hfpipe.chat", "chat with a model in the terminal"),
-    "serve": ("hfpipe.serve", "serve a model over an OpenAI-compatible HTTP API"),
-    "eval": ("hfpipe.evaluation", "perplexity, multiple-choice and preference accuracy of a model"),
-    "pipeline": ("hfpipe.pipeline", "run stages (pretrain -> sft -> dpo -> eval) in order, each its own process"),
-    "push": ("hfpipe.push", "push a finished run to the Hugging Face Hub with a model card"),
+    "generate": ("hfpipe.tools.generate", "generate text from a model dir, an adapter dir or a Hub id"),
+    "chat": ("hfpipe.tools.chat", "chat with a model in the terminal"),
+    "serve": ("hfpipe.tools.serve", "serve a model over an OpenAI-compatible HTTP API"),
+    "eval": ("hfpipe.evaluation.evaluate", "perplexity, multiple-choice and preference accuracy of a model"),
+    "pipeline": ("hfpipe.tools.pipeline", "run stages (pretrain -> sft -> dpo -> eval) in order, each its own process"),
+    "push": ("hfpipe.hub.push", "push a finished run to the Hugging Face Hub with a model card"),
 }
 
 
@@ -63,22 +36,20 @@ def run_tool(name: str, argv: Sequence[str]) -> None:
 
 def check(config: Path, recipe: str | None, overrides: Sequence[str], show_samples: int = 0) -> None:
     """Validate a config as its recipe would and print the resolved settings; train nothing."""
-    from hfpipe.run import is_finished, last_complete_checkpoint
+    from hfpipe.rundir import is_finished, last_complete_checkpoint
 
     if not config.is_file():
         raise ConfigError(f"{config}: config file not found. Check the path.")
-    recipe = recipe or recipe_of(config)
+    recipe = recipe or stage_named_in(config)
     if recipe is None:
         raise ConfigError(
             f"{config}: no recipe named in the first comment line (# accelerate launch recipes/NAME.py ...); "
             "pass --recipe NAME."
         )
-    if recipe not in RECIPES:
-        raise ConfigError(f"unknown recipe '{recipe}'; known: {', '.join(RECIPES)}.{did_you_mean(recipe, RECIPES)}")
-    parse, resolve = RECIPES[recipe]()
+    stage = get_stage(recipe, str(config))
     # Parsed as if overwriting, so that a finished run is reported below rather than refused.
-    parsed = parse(["--config", str(config), *overrides, "--overwrite_output_dir", "true"])
-    settings = resolve(parsed)
+    parsed = stage.parse(["--config", str(config), *overrides, "--overwrite_output_dir", "true"])
+    settings = stage.resolved_settings(parsed)
     settings.pop("overwrite_output_dir", None)
     print(f"# {config}: valid for recipes/{recipe}.py")
     print(yaml.safe_dump(public_settings(settings), sort_keys=False), end="")
@@ -102,8 +73,8 @@ def sft_preview(parsed: ParsedConfig, count: int) -> str:
     """Load the tokenizer and rows of an SFT config (no model) and render `count` training samples."""
     from trl import SFTConfig
 
-    from hfpipe.finetuning import assistant_loss_mode, length_report, load_splits, load_tokenizer
-    from hfpipe.preview import show_samples
+    from hfpipe.tools.preview import show_samples
+    from hfpipe.train.sft import assistant_loss_mode, length_report, load_splits, load_tokenizer
 
     tokenizer, choice, _ = load_tokenizer(parsed)
     splits, table = load_splits(parsed, tokenizer, smoke=False)
@@ -119,7 +90,7 @@ def sft_preview(parsed: ParsedConfig, count: int) -> str:
 
 def prepare_data(name: str, destination: Path) -> None:
     """Prepare a shipped dataset under data/."""
-    from hfpipe.corpus import prepare_shakespeare
+    from hfpipe.data.corpus import prepare_shakespeare
 
     counts = prepare_shakespeare(destination)
     print(f"{destination}: {counts['train']} works for training, {counts['validation']} for validation")

@@ -69,6 +69,10 @@ class ParsedConfig:
         """Return the parsed instance of dataclass `cls`."""
         return next(value for value in self.values if isinstance(value, cls))
 
+    def find(self, cls: type) -> Any | None:
+        """The parsed instance of dataclass `cls`, None when this config has no such section."""
+        return next((value for value in self.values if isinstance(value, cls)), None)
+
 
 class _Mismatch(Exception):
     def __init__(self, expected: str) -> None:
@@ -121,17 +125,6 @@ def load_yaml_mapping(path: Path) -> dict[str, Any]:
             f"{path}: expected a mapping of 'key: value' lines at the top level, got a {type(data).__name__}."
         )
     return data
-
-
-def recipe_of(path: Path) -> str | None:
-    """Return the recipe named in a config's leading command comment (`recipes/<name>.py`), if any."""
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.startswith("#"):
-            break
-        if "recipes/" in line:
-            tail = line.split("recipes/", 1)[1]
-            return tail.split(".py", 1)[0]
-    return None
 
 
 def coerce(value: Any, hint: Any) -> Any:
@@ -260,12 +253,14 @@ def parse(
     dataclass_types: Sequence[type],
     argv: Sequence[str] | None = None,
     defaults: dict[str, Any] | None = None,
-    validate: Callable[[dict[str, Any], str], None] | None = None,
+    derive: Callable[[dict[str, Any], str], None] | None = None,
+    check: Callable[[dict[str, Any], str], None] | None = None,
 ) -> ParsedConfig:
     """Parse `--config FILE` plus CLI overrides into `dataclass_types`, strictly.
 
-    `defaults` replace the dataclasses' own defaults (YAML and CLI still win). `validate(values, where)` sees
-    every merged value before any dataclass is built, for checks across fields; it raises ConfigError.
+    `defaults` replace the dataclasses' own defaults (YAML and CLI still win). On the merged values, before any
+    dataclass is built: `derive(values, where)` fills in settings that follow from others (it may raise when it
+    cannot), then `check(values, where)` raises ConfigError for what cannot run and changes nothing.
     Nothing is loaded or written here.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -294,8 +289,9 @@ def parse(
     merged = vars(namespace)
     for key in cli_keys:
         check_values("command line", {key: merged[key]}, known)
-    if validate is not None:
-        validate(merged, where)
+    for hook in (derive, check):
+        if hook is not None:
+            hook(merged, where)
 
     values = []
     for cls in dataclass_types:

@@ -1,9 +1,8 @@
 """Load a trained model for the after-training tools: a full model dir, an adapter dir (loaded onto its base),
-a .gguf file or package-shipped model, or a Hub id; and find the latest finished run under outputs/."""
+a .gguf file or package-shipped model, or a Hub id; merge an adapter into its base."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,11 +10,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hfpipe.errors import ConfigError
-from hfpipe.modeling import load_causal_lm, load_tokenizer_from, looks_local
-
-ADAPTER_CONFIG = "adapter_config.json"
-# Later stages first: with no model named, the tools pick the newest run of the latest stage.
-STAGE_ORDER = ("dpo", "sft", "pretrain")
+from hfpipe.models.pretrained import load_causal_lm, load_tokenizer_from, looks_local
+from hfpipe.rundir import ADAPTER_CONFIG, GENERATION_CONFIG, MODEL_CONFIG, adapter_base
 
 
 @dataclass
@@ -28,22 +24,11 @@ class LoadedModel:
     base: str | None  # the base model dir or id when `path` is an adapter
 
 
-def adapter_base(model_dir: Path) -> str | None:
-    """Return the base model an adapter dir was trained on, None when `model_dir` holds no adapter."""
-    config_path = model_dir / ADAPTER_CONFIG
-    if not config_path.is_file():
-        return None
-    base = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    if not base:
-        raise ConfigError(f"{config_path}: base_model_name_or_path is missing; the adapter's base is unknown.")
-    return str(base)
-
-
 def check_model_source(name: str) -> str:
     """Return the loadable form of `name` (a .gguf or package-shipped model is converted once); stop with one line
     when a local path is missing, is not a model dir, or is an adapter whose base cannot be found."""
-    from hfpipe.data import cache_root
-    from hfpipe.gguf import resolve_model_path
+    from hfpipe.data.files import cache_root
+    from hfpipe.models.gguf import resolve_model_path
 
     resolved = resolve_model_path(name, cache_root())
     if not looks_local(resolved):
@@ -53,7 +38,7 @@ def check_model_source(name: str) -> str:
         raise ConfigError(f"{name}: no such model directory. Give a run's output dir, a .gguf file or a Hub id.")
     base = adapter_base(path)
     if base is None:
-        if not (path / "config.json").is_file():
+        if not (path / MODEL_CONFIG).is_file():
             raise ConfigError(f"{name}: not a model dir (no config.json or {ADAPTER_CONFIG}).")
     elif looks_local(base) and not Path(base).expanduser().is_dir():
         raise ConfigError(
@@ -91,7 +76,7 @@ def merge_adapter(
     added, and merge the adapter into it."""
     from peft import PeftModel
 
-    from hfpipe.chat_templates import fit_model_to_tokenizer
+    from hfpipe.data.chat_templates import fit_model_to_tokenizer
 
     model = load_causal_lm(base, "main", dtype, None, trust_remote_code)
     fit_model_to_tokenizer(model, tokenizer)
@@ -108,26 +93,8 @@ def save_merged_model(adapter_dir: Path, destination: Path) -> Path:
         raise ConfigError(f"{adapter_dir}: no {ADAPTER_CONFIG}: there is no adapter to merge.")
     tokenizer = load_tokenizer_from(str(adapter_dir), "model")
     merged = merge_adapter(str(adapter_dir), base, tokenizer, "float32", trust_remote_code=False)
-    if (adapter_dir / "generation_config.json").is_file():
+    if (adapter_dir / GENERATION_CONFIG).is_file():
         merged.generation_config = GenerationConfig.from_pretrained(adapter_dir)
     merged.save_pretrained(destination)
     tokenizer.save_pretrained(destination)
     return destination
-
-
-def latest_finished_run(outputs_dir: Path = Path("outputs")) -> tuple[Path, str]:
-    """Return the newest finished run of the latest stage under `outputs_dir` (DPO over SFT over pretrain) and
-    its stage; raise ConfigError when there is none."""
-    from hfpipe.config import recipe_of
-    from hfpipe.run import METRICS_FILE
-
-    finished: dict[str, list[Path]] = {stage: [] for stage in STAGE_ORDER}
-    for metrics in outputs_dir.glob(f"**/{METRICS_FILE}"):
-        run_dir = metrics.parent
-        stage = recipe_of(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
-        if stage in finished:
-            finished[stage].append(run_dir)
-    for stage in STAGE_ORDER:
-        if finished[stage]:
-            return max(finished[stage], key=lambda run: (run / METRICS_FILE).stat().st_mtime), stage
-    raise ConfigError(f"{outputs_dir}: no finished run found. Name a model dir, or train one first.")

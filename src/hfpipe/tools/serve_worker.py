@@ -21,9 +21,15 @@ from transformers import (
     set_seed,
 )
 
-from hfpipe.generation import build_generation_config, context_length, encode_prompt, render_chat_prompt
-from hfpipe.inference import LoadedModel
-from hfpipe.openai_schema import ChatCompletionRequest, ChatMessage, CompletionRequest, GenerationRequest, RequestError
+from hfpipe.models.trained import LoadedModel
+from hfpipe.tools.generate import build_generation_config, context_length, encode_prompt, render_chat_prompt
+from hfpipe.tools.openai_schema import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    GenerationRequest,
+    RequestError,
+)
 
 SYSTEM_ROLES = ("system", "developer")  # OpenAI's newer clients send "developer" where older ones send "system"
 

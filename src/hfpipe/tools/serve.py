@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from hfpipe.errors import ConfigError
+from hfpipe.rundir import model_or_latest_run
 
 # At module level (pydantic only, no torch): FastAPI resolves a route's (string) annotations in these globals.
-from hfpipe.openai_schema import (
+from hfpipe.tools.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
     GenerationRequest,
@@ -49,8 +50,8 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
     from uvicorn import Config
 
-    from hfpipe.inference import LoadedModel
-    from hfpipe.serving import Job, ModelWorker
+    from hfpipe.models.trained import LoadedModel
+    from hfpipe.tools.serve_worker import Job, ModelWorker
 
 DEFAULT_MAX_NEW_TOKENS = 256
 GENERATION_GRACE_SECONDS = 5  # after SIGTERM the running generation may finish within this; then it is cut
@@ -136,7 +137,7 @@ def create_app(loaded: LoadedModel, model_id: str, max_new_tokens: int = DEFAULT
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
-    from hfpipe.serving import ModelWorker, prepare_job
+    from hfpipe.tools.serve_worker import ModelWorker, prepare_job
 
     worker = ModelWorker(loaded)
     created = int(time.time())
@@ -273,14 +274,12 @@ def run(args: argparse.Namespace) -> None:
     import uvicorn
     from transformers.utils import logging as hf_logging
 
-    from hfpipe.inference import latest_finished_run, load_for_inference
+    from hfpipe.models.trained import load_for_inference
 
     hf_logging.disable_progress_bar()
-    name = args.model
-    if name is None:
-        run_dir, stage = latest_finished_run()
-        name = str(run_dir)
-        print(f"# no model named: serving the newest finished {stage} run, {name}", flush=True)
+    name, picked = model_or_latest_run(args.model)
+    if picked:
+        print(f"# no model named: serving {picked}: {name}", flush=True)
     loaded = load_for_inference(name)
     model_id = args.model_id or default_model_id(name)
     app = create_app(loaded, model_id, args.max_new_tokens)

@@ -28,16 +28,16 @@ import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hfpipe.errors import ConfigError
-from hfpipe.generation import DTYPES, check_sampling_values
+from hfpipe.rundir import model_or_latest_run
+from hfpipe.tools.generate import DTYPES, check_sampling_values
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
 
-    from hfpipe.inference import LoadedModel
+    from hfpipe.models.trained import LoadedModel
 
 COMMANDS = {
     "/temp": "X     temperature: 0 for greedy, more than 0 to sample",
@@ -168,7 +168,7 @@ class ChatSession:
     @property
     def context(self) -> int | None:
         """Positions the model was built with."""
-        from hfpipe.generation import context_length
+        from hfpipe.tools.generate import context_length
 
         return context_length(self.loaded.model)
 
@@ -179,7 +179,7 @@ class ChatSession:
 
     def prompt_ids(self, history: list[dict[str, str]]) -> list[int]:
         """Token ids of the conversation rendered for the model's next reply."""
-        from hfpipe.generation import encode_prompt, render_chat_prompt
+        from hfpipe.tools.generate import encode_prompt, render_chat_prompt
 
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + history
         return encode_prompt(
@@ -193,7 +193,7 @@ class ChatSession:
 
     def generation_config(self) -> GenerationConfig:
         """The model's generation config with the chat's settings on top."""
-        from hfpipe.generation import build_generation_config
+        from hfpipe.tools.generate import build_generation_config
 
         settings = self.settings
         sampling = settings.temperature > 0
@@ -211,7 +211,7 @@ class ChatSession:
     def reply(self, text: str) -> str | None:
         """Answer a user message, streaming the answer to stdout; keep both in the history. Returns the answer, or
         None (after printing why) when the message alone does not fit the context."""
-        from hfpipe.generation import generate_ids
+        from hfpipe.tools.generate import generate_ids
 
         history, dropped = trim_history([*self.history, {"role": "user", "content": text}], self.fits)
         if not self.fits(history):
@@ -271,7 +271,7 @@ def initial_settings(
     generation_config: GenerationConfig | None, args: argparse.Namespace, context: int | None
 ) -> Settings:
     """The model's own decoding settings (greedy unless its generation_config samples) with the flags on top."""
-    from hfpipe.generation import default_max_new_tokens
+    from hfpipe.tools.generate import default_max_new_tokens
 
     own = generation_config
     sampling = bool(own is not None and own.do_sample)
@@ -300,16 +300,6 @@ def check_args(args: argparse.Namespace) -> None:
         repetition_penalty=args.repetition_penalty,
         max_new_tokens=args.max_new_tokens,
     )
-
-
-def pick_model(name: str | None) -> tuple[str, str]:
-    """The model to chat with and how it was chosen: the one named, or the newest finished run under outputs/."""
-    from hfpipe.inference import latest_finished_run
-
-    if name is not None:
-        return name, ""
-    run_dir, stage = latest_finished_run(Path("outputs"))
-    return str(run_dir), f"the newest finished {stage} run under outputs/"
 
 
 def chat_loop(session: ChatSession, read: Callable[[str], str] = input) -> None:
@@ -365,11 +355,11 @@ def run(args: argparse.Namespace) -> None:
     from transformers import set_seed
     from transformers.utils import logging
 
-    from hfpipe.generation import context_length
-    from hfpipe.inference import load_for_inference
+    from hfpipe.models.trained import load_for_inference
+    from hfpipe.tools.generate import context_length
 
     check_args(args)
-    name, picked = pick_model(args.model)
+    name, picked = model_or_latest_run(args.model)
     if picked:
         print(f"no model named: picked {name}, {picked}")
     logging.disable_progress_bar()

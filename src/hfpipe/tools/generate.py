@@ -36,13 +36,11 @@ from hfpipe.errors import ConfigError
 if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-    from hfpipe.inference import LoadedModel
+    from hfpipe.models.trained import LoadedModel
 
 FORMATS = ("chat", "instruction", "raw")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEFAULT_MAX_NEW_TOKENS = 128
-# Stages whose runs learn the '### Instruction:' layout when the tokenizer has no chat template.
-INSTRUCTION_STAGES = ("sft", "dpo")
 # --compare: label -> generation settings. Sampling columns set every sampling knob, so that a model's own
 # generation_config cannot change what the column means.
 COMPARE_STRATEGIES: dict[str, dict[str, Any]] = {
@@ -144,7 +142,7 @@ def describe_decoding(config: GenerationConfig) -> str:
 
 def instruction_prompt(instruction: str) -> str:
     """The '### Instruction:' prompt hfpipe's SFT trains on (for a tokenizer without a chat template)."""
-    from hfpipe.sft_data import convert_row
+    from hfpipe.data.sft_rows import convert_row
 
     row = {"instruction": instruction, "input": "", "output": ""}
     return convert_row(row, "instruction", chat=False, system_prompt=None)["prompt"]
@@ -189,14 +187,6 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, prompt_format: 
     return tokenizer(text, add_special_tokens=prompt_format != "chat")["input_ids"]
 
 
-def run_stage(model_dir: str) -> str | None:
-    """The hfpipe recipe that wrote `model_dir` ('pretrain', 'sft', ...), None for any other model."""
-    from hfpipe.config import recipe_of
-
-    config = Path(model_dir).expanduser() / "config.yaml"
-    return recipe_of(config) if config.is_file() else None
-
-
 def pick_format(requested: str | None, tokenizer: PreTrainedTokenizerBase, model_dir: str) -> tuple[str, str]:
     """The prompt format to use and why (see the module docstring); 'chat' without a template is an error."""
     if requested == "chat" and not tokenizer.chat_template:
@@ -207,9 +197,12 @@ def pick_format(requested: str | None, tokenizer: PreTrainedTokenizerBase, model
         return requested, "--format"
     if tokenizer.chat_template:
         return "chat", "the tokenizer's chat template"
-    stage = run_stage(model_dir)
-    if stage in INSTRUCTION_STAGES:
-        return "instruction", f"hfpipe {stage} run without a chat template"
+    from hfpipe.rundir import stage_of
+    from hfpipe.stages import STAGES
+
+    stage = STAGES.get(stage_of(Path(model_dir).expanduser()) or "")
+    if stage is not None and stage.instruction_layout:
+        return "instruction", f"hfpipe {stage.name} run without a chat template"
     return "raw", "no chat template"
 
 
@@ -391,7 +384,7 @@ def prepare(
     With `same_format_as` (the fine-tuned model, when this one is its --base) and no --format, the prompts are
     rendered as for that model when this one can read that format, so that both see the same text.
     """
-    from hfpipe.inference import load_for_inference
+    from hfpipe.models.trained import load_for_inference
 
     loaded = load_for_inference(name, args.dtype, args.device, args.trust_remote_code)
     prompt_format, why = pick_format(args.format, loaded.tokenizer, name)

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from hfpipe.rundir import SAMPLES_FILE
+
 
 class LogExtrasCallback(TrainerCallback):
     """Adds `tokens_per_second` (training steps only: evaluation and saving excluded) to training logs and
@@ -137,7 +139,7 @@ def write_samples(output_dir: Path, step: int, samples: list[dict[str, str]]) ->
     """Print samples and append them, tagged with the step, to output_dir/samples.jsonl."""
     output_dir.mkdir(parents=True, exist_ok=True)
     print(f"\n--- samples at step {step} ---")
-    with open(output_dir / "samples.jsonl", "a", encoding="utf-8") as handle:
+    with open(output_dir / SAMPLES_FILE, "a", encoding="utf-8") as handle:
         for sample in samples:
             print(f"{sample['prompt']}{sample['completion']}\n")
             handle.write(json.dumps({"step": step, **sample}, ensure_ascii=False) + "\n")

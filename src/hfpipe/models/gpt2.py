@@ -1,21 +1,11 @@
-"""Models: a from-scratch GPT-2 from explicit shape fields, or a pretrained causal LM."""
+"""A from-scratch GPT-2: size presets, explicit shape fields on top, checks, and the randomly initialised model."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GPT2Config,
-    GPT2LMHeadModel,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
-
-from hfpipe.args import GPT2ShapeArguments
 from hfpipe.errors import ConfigError
+from hfpipe.sections import GPT2ShapeArguments
 
 GPT2_PRESETS: dict[str, dict[str, int]] = {
     "micro": {"n_layer": 4, "n_head": 4, "n_embd": 128},
@@ -73,52 +63,3 @@ def build_gpt2(shape: dict[str, int], dropout: float, tokenizer: PreTrainedToken
     model = GPT2LMHeadModel(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
-
-
-def looks_local(name: str) -> bool:
-    """True when `name` is meant as a local path rather than a Hub id."""
-    return (
-        os.path.exists(name)
-        or name.startswith((".", "/", "~"))
-        or name.count("/") > 1
-        or name.endswith((".gguf", ".safetensors"))
-    )
-
-
-# Output dirs that earlier stages of a pipeline will write: later stages' configs are checked before they exist.
-planned_outputs: set[str] = set()
-
-
-def check_model_path(name: str, key: str, where: str) -> None:
-    """A local model or tokenizer path must exist and be a directory (or be a planned pipeline output)."""
-    if name in planned_outputs:
-        return
-    if looks_local(name) and not Path(name).expanduser().is_dir():
-        raise ConfigError(f"{where}: {key}: '{name}' is not a directory. Give a model output dir or a Hub id.")
-
-
-def load_tokenizer_from(
-    name: str, key: str, revision: str = "main", trust_remote_code: bool = False
-) -> PreTrainedTokenizerBase:
-    """Load a pretrained tokenizer; a load failure is a one-line ConfigError naming the config key."""
-    try:
-        return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
-    except OSError as error:
-        raise ConfigError(f"{key}: no tokenizer could be loaded from '{name}': {str(error).splitlines()[0]}") from None
-
-
-def load_causal_lm(
-    name: str, revision: str, dtype: str | None, attn: str | None, trust_remote_code: bool
-) -> PreTrainedModel:
-    """Load a pretrained causal LM from safetensors weights; a load failure is a one-line ConfigError."""
-    try:
-        return AutoModelForCausalLM.from_pretrained(
-            name,
-            revision=revision,
-            dtype=dtype or "auto",
-            attn_implementation=attn,
-            trust_remote_code=trust_remote_code,
-            use_safetensors=True,
-        )
-    except OSError as error:
-        raise ConfigError(f"model_name_or_path: '{name}' could not be loaded: {str(error).splitlines()[0]}") from None

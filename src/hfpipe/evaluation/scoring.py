@@ -67,7 +67,7 @@ def _is_text(value: Any) -> bool:
 
 def preference_row(row: dict[str, Any]) -> PreferenceRow | str:
     """A preference row DPO could train on (prompt or instruction, chosen, rejected), or what is wrong with it."""
-    from hfpipe.preference_data import detect_preference_format, preference_row_problem
+    from hfpipe.data.preference_rows import detect_preference_format, preference_row_problem
 
     missing = [name for name in ("chosen", "rejected") if name not in row]
     if missing:
@@ -213,8 +213,8 @@ def choice_metrics(rows: Sequence[ChoiceRow], logprobs: Sequence[list[float]]) -
 def render_preference(tokenizer: PreTrainedTokenizerBase, row: PreferenceRow) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, answer ids) of the chosen and of the rejected answer, rendered exactly as recipes/dpo.py
     trains on them (its conversion rules, the chat template when the tokenizer has one, EOS after string answers)."""
-    from hfpipe.chat_templates import render_ids, render_prompt_ids
-    from hfpipe.preference_data import convert_preference_row
+    from hfpipe.data.chat_templates import render_ids, render_prompt_ids
+    from hfpipe.data.preference_rows import convert_preference_row
 
     converted = convert_preference_row(row.fields, row.row_format, bool(tokenizer.chat_template), None)
     pairs = []

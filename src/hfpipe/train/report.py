@@ -10,10 +10,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from hfpipe import __version__
+from hfpipe import PROJECT_ROOT, __version__
+from hfpipe.rundir import CONFIG_FILE, PLOTS, REPORT_HTML, REPORT_MD, SAMPLES_FILE, read_metrics
 
 STACK = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "huggingface_hub")
-PLOTS = ("loss.png", "rewards.png")
 
 
 def stack_versions() -> dict[str, str]:
@@ -29,7 +29,7 @@ def stack_versions() -> dict[str, str]:
 
 def git_commit() -> str:
     """The commit of the hfpipe checkout the run came from, with '+changes' when its tree was modified."""
-    root = Path(__file__).resolve().parents[2]
+    root = PROJECT_ROOT
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True)
@@ -44,7 +44,7 @@ def run_versions() -> dict[str, str]:
 
 
 def _samples_by_step(output_dir: Path) -> list[tuple[int, list[dict[str, Any]]]]:
-    path = output_dir / "samples.jsonl"
+    path = output_dir / SAMPLES_FILE
     if not path.is_file():
         return []
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -56,9 +56,9 @@ def _samples_by_step(output_dir: Path) -> list[tuple[int, list[dict[str, Any]]]]
 def report_sections(output_dir: Path) -> list[tuple[str, str, Any]]:
     """(title, kind, content) sections: kind is 'code', 'table' (a dict), 'image' (a file name) or 'samples'."""
     config_text = (
-        (output_dir / "config.yaml").read_text(encoding="utf-8") if (output_dir / "config.yaml").is_file() else ""
+        (output_dir / CONFIG_FILE).read_text(encoding="utf-8") if (output_dir / CONFIG_FILE).is_file() else ""
     )
-    metrics = json.loads((output_dir / "metrics.json").read_text())
+    metrics = read_metrics(output_dir)
     sources = metrics.pop("data_sources", None)
     versions = metrics.pop("versions", None) or run_versions()  # as trained (older runs: as now)
     sections: list[tuple[str, str, Any]] = [
@@ -123,7 +123,7 @@ def write_report(output_dir: Path, run_name: str) -> Path:
     """Write report.md and report.html for a finished run; return the markdown path."""
     sections = report_sections(output_dir)
     title = f"{run_name}: hfpipe run report"
-    (output_dir / "report.html").write_text(_html(title, sections), encoding="utf-8")
-    path = output_dir / "report.md"
+    (output_dir / REPORT_HTML).write_text(_html(title, sections), encoding="utf-8")
+    path = output_dir / REPORT_MD
     path.write_text(_markdown(title, sections), encoding="utf-8")
     return path

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import yaml
 
-from hfpipe.args import HubUpload
 from hfpipe.errors import ConfigError
-from hfpipe.hub import HubTarget, check_hub_access, check_repo_id, push_run
-from hfpipe.hub_files import choose_upload
-from hfpipe.run import is_finished
+from hfpipe.hub.files import choose_upload
+from hfpipe.hub.publish import HubTarget, check_hub_access, check_repo_id, push_run
+from hfpipe.rundir import CONFIG_FILE, is_finished
+from hfpipe.sections import HubUpload
 
 UPLOAD_CHOICES = typing.get_args(HubUpload)
 
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> None:
     run_dir: Path = args.output_dir
     if not is_finished(run_dir):
         raise ConfigError(f"{run_dir}: not a finished run (no metrics.json). Push a run that trained to the end.")
-    config_path = run_dir / "config.yaml"
+    config_path = run_dir / CONFIG_FILE
     settings = (yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else None) or {}
     repo_id = args.repo or settings.get("hub_model_id") or settings.get("run_name") or run_dir.name
     check_repo_id(repo_id, "--repo" if args.repo else f"{config_path}: hub_model_id (the repo)")

@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hfpipe.config import load_yaml_mapping, recipe_of
+from hfpipe.config import load_yaml_mapping
 from hfpipe.errors import ConfigError, did_you_mean
+from hfpipe.rundir import EVAL_RESULTS, is_finished, read_metrics
+from hfpipe.stages import STAGES, stage_named_in
 
 PIPELINE_KEYS = ("stages", "chat_prompts", "chat_max_new_tokens")
 STAGE_KEYS = ("name", "config", "from", "launch_args", "eval")
 EVAL_KEYS = ("text", "choices", "preferences", "lm_eval")
-TRAINING_RECIPES = ("pretrain", "sft", "dpo")
-EVAL_RESULTS = "eval_results.json"
 # The figures the summary shows beside the losses, when a stage's metrics.json has them.
 KEY_METRICS = ("eval_perplexity", "eval_rewards/accuracies", "mc_acc", "pref_accuracy", "text_perplexity")
 
@@ -97,11 +97,12 @@ def _read_stage(raw: dict[str, Any], name: str, where: str, earlier: list[Stage]
     config = Path(raw["config"])
     if not config.is_file():
         raise ConfigError(f"{where}: config: {config}: no such file.")
-    recipe = recipe_of(config)
-    if recipe not in TRAINING_RECIPES:
-        raise ConfigError(f"{where}: {config} names no recipe (pretrain, sft, dpo) in its first comment line.")
-    if recipe == "pretrain":
-        source = raw.get("from")  # pretraining starts from scratch unless told otherwise
+    recipe = stage_named_in(config)
+    runnable = [name for name, stage in STAGES.items() if stage.in_pipeline]
+    if recipe not in runnable:
+        raise ConfigError(f"{where}: {config} names no recipe ({', '.join(runnable)}) in its first comment line.")
+    if not STAGES[recipe].starts_from_previous:
+        source = raw.get("from")  # e.g. pretraining starts from scratch unless told otherwise
     return Stage(name, recipe, config, source, [str(arg) for arg in launch_args])
 
 
@@ -119,8 +120,7 @@ def _eval_flags(spec: Any, where: str) -> list[str]:
 def plan(stages: list[Stage], start: str | None) -> set[str]:
     """Check every stage config as its recipe would, in order, with each stage's input the output of the stage it
     starts from; fill in output dirs. Returns the stages to rerun (--from and after)."""
-    from hfpipe.cli import RECIPES
-    from hfpipe.modeling import planned_outputs
+    from hfpipe.models.pretrained import planned_model_dirs
 
     names = [stage.name for stage in stages]
     if start is not None and start not in names:
@@ -130,12 +130,13 @@ def plan(stages: list[Stage], start: str | None) -> set[str]:
         if stage.recipe == "eval":
             stage.output_dir = outputs[stage.source]
             continue
-        parse, _ = RECIPES[stage.recipe]()
-        # Checked as a rerun would be: a finished stage is skipped, not refused.
-        parsed = parse(["--config", str(stage.config), *_model_flag(stage, outputs), "--overwrite_output_dir", "true"])
+        # Checked as a rerun would be: a finished stage is skipped, not refused. Earlier stages' outputs may not
+        # exist yet.
+        argv = ["--config", str(stage.config), *_model_flag(stage, outputs), "--overwrite_output_dir", "true"]
+        with planned_model_dirs({str(path) for path in outputs.values()}):
+            parsed = STAGES[stage.recipe].parse(argv)
         stage.output_dir = Path(parsed.values[0].output_dir)
         outputs[stage.name] = stage.output_dir
-        planned_outputs.add(str(stage.output_dir))
     return set(names[names.index(start) :]) if start else set()
 
 
@@ -157,15 +158,13 @@ def stage_command(stage: Stage, stages: list[Stage], rerun: bool) -> list[str]:
             "--output",
             str(results),
         ]
-    recipe = Path(__file__).resolve().parents[2] / "recipes" / f"{stage.recipe}.py"
+    recipe = STAGES[stage.recipe].recipe
     command = [str(bin_dir / "accelerate"), "launch", *stage.launch_args, str(recipe), "--config", str(stage.config)]
     return command + _model_flag(stage, outputs) + (["--overwrite_output_dir", "true"] if rerun else [])
 
 
 def stage_done(stage: Stage) -> bool:
     """A training stage is done when its run finished; an eval stage when its results file exists."""
-    from hfpipe.run import is_finished
-
     if stage.recipe == "eval":
         return (stage.output_dir / EVAL_RESULTS).is_file()
     return is_finished(stage.output_dir)
@@ -175,7 +174,7 @@ def stage_figures(stage: Stage) -> dict[str, Any]:
     """The numbers the summary shows, from the stage's metrics.json or eval results."""
     if stage.recipe == "eval":
         return json.loads((stage.output_dir / EVAL_RESULTS).read_text()).get("metrics", {})
-    return json.loads((stage.output_dir / "metrics.json").read_text())
+    return read_metrics(stage.output_dir)
 
 
 def summary_table(stages: list[Stage], seconds: dict[str, float | None]) -> str:

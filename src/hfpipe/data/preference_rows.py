@@ -19,10 +19,8 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 from trl.data_utils import extract_prompt
 
-from hfpipe.args import TuningArguments
-from hfpipe.chat_templates import render_ids
-from hfpipe.errors import DataError
-from hfpipe.sft_data import (
+from hfpipe.data.chat_templates import render_ids
+from hfpipe.data.sft_rows import (
     INSTRUCTION_INPUT_PROMPT,
     INSTRUCTION_PROMPT,
     Source,
@@ -30,6 +28,8 @@ from hfpipe.sft_data import (
     messages_problem,
     nonempty_text,
 )
+from hfpipe.errors import DataError
+from hfpipe.sections import TuningArguments
 
 ANSWERS = ("chosen", "rejected")
 

@@ -10,16 +10,12 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from hfpipe import __version__
-from hfpipe.config import public_settings, recipe_of
-from hfpipe.hub_files import ADAPTER_SUBFOLDER, Upload
-from hfpipe.modeling import looks_local
-from hfpipe.report import markdown_sections, report_sections
+from hfpipe.config import public_settings
+from hfpipe.hub.files import ADAPTER_SUBFOLDER, Upload
+from hfpipe.models.pretrained import looks_local
+from hfpipe.rundir import CONFIG_FILE, stage_of
+from hfpipe.train.report import markdown_sections, report_sections
 
-STAGES = {
-    "pretrain": "Pretrained",
-    "sft": "Supervised fine-tuning (SFT)",
-    "dpo": "Preference alignment (DPO)",
-}
 FILE_BUILDERS = frozenset({"json", "csv", "parquet", "text", "arrow"})  # `datasets` loaders of local files
 UPLOADED = {
     "model": "the full model",
@@ -32,7 +28,7 @@ UPLOADED = {
 def hub_id_of(name: str | None) -> str | None:
     """The Hub id a config's model_name_or_path stands for: a Hub id as is, a package-shipped GGUF model as the
     model it was converted from, None for a local dir or a from-scratch model."""
-    from hfpipe.gguf import PACKAGED_MODELS
+    from hfpipe.models.gguf import PACKAGED_MODELS
 
     if not name:
         return None
@@ -72,11 +68,13 @@ def usage(repo_id: str, kind: str, base: str | None) -> str:
 
 def model_card(run_dir: Path, repo_id: str, upload: Upload) -> ModelCard:
     """Build the card of a finished run pushed to `repo_id` (no secrets: the config is the saved, public one)."""
-    config_path = run_dir / "config.yaml"
+    from hfpipe.stages import get_stage
+
+    config_path = run_dir / CONFIG_FILE
     settings = public_settings(yaml.safe_load(config_path.read_text(encoding="utf-8")) or {})
-    recipe = recipe_of(config_path) or "pretrain"
+    stage = get_stage(stage_of(run_dir) or "pretrain", str(run_dir))
     base = hub_id_of(upload.base) or hub_id_of(settings.get("model_name_or_path"))
-    tags = ["hfpipe", recipe, *(["trl"] if recipe in ("sft", "dpo") else []), *(["lora"] if upload.base else [])]
+    tags = ["hfpipe", stage.name, *stage.card_tags, *(["lora"] if upload.base else [])]
     data = ModelCardData(
         model_name=repo_id.split("/")[-1],
         base_model=base,
@@ -91,7 +89,7 @@ def model_card(run_dir: Path, repo_id: str, upload: Upload) -> ModelCard:
         [
             f"# {repo_id.split('/')[-1]}",
             "",
-            f"{STAGES.get(recipe, recipe)} of {origin} with hfpipe {__version__}. This repo holds "
+            f"{stage.card_title} of {origin} with hfpipe {__version__}. This repo holds "
             f"{UPLOADED[upload.kind]}.",
             "",
             "## Use it",

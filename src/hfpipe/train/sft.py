@@ -14,24 +14,25 @@ from peft import LoraConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 from trl import DatasetMixtureConfig, ModelConfig, SFTConfig, get_peft_config
 
-from hfpipe.args import RunArguments, SFTArguments, TuningArguments, device_defaults, resolve_device_settings
-from hfpipe.callbacks import room_for
-from hfpipe.chat_templates import (
+from hfpipe.config import ParsedConfig, parse
+from hfpipe.data.chat_templates import (
     apply_chat_template_choice,
     check_saved_model,
     check_template_name,
     fit_model_to_tokenizer,
     has_generation_markers,
 )
-from hfpipe.config import ParsedConfig, parse
-from hfpipe.data import cache_root, resolve_files
+from hfpipe.data.files import cache_root, resolve_files
+from hfpipe.data.sft_rows import Source, concatenate, load_source, mix, prepare_source, rendered_lengths
+from hfpipe.devices import device_defaults, resolve_device_settings
 from hfpipe.errors import ConfigError, DataError
-from hfpipe.evaluation import EvalArguments, check_config_evaluations
-from hfpipe.hub import check_hub_settings
-from hfpipe.inference import save_merged_model
-from hfpipe.modeling import check_model_path, load_causal_lm, load_tokenizer_from
-from hfpipe.run import RUN_DEFAULTS, derive_run_settings
-from hfpipe.sft_data import Source, concatenate, load_source, mix, prepare_source, rendered_lengths
+from hfpipe.evaluation.evaluate import EvalArguments, check_config_evaluations
+from hfpipe.hub.publish import check_hub_settings
+from hfpipe.models.pretrained import check_model_path, load_causal_lm, load_tokenizer_from
+from hfpipe.models.trained import save_merged_model
+from hfpipe.sections import RunArguments, SFTArguments, TuningArguments
+from hfpipe.train.callbacks import room_for
+from hfpipe.train.run import RUN_DEFAULTS, derive_run_settings
 
 SFT_ARGUMENTS = (SFTConfig, ModelConfig, SFTArguments, DatasetMixtureConfig, RunArguments, EvalArguments)
 
@@ -105,7 +106,7 @@ def _validate(values: dict[str, Any], where: str) -> None:
 
 
 def _shipped_models() -> tuple[str, ...]:
-    from hfpipe.gguf import PACKAGED_MODELS
+    from hfpipe.models.gguf import PACKAGED_MODELS
 
     return tuple(PACKAGED_MODELS)
 
@@ -152,7 +153,7 @@ def resolved_settings(parsed: ParsedConfig) -> dict[str, Any]:
 def load_tokenizer(parsed: ParsedConfig) -> tuple[PreTrainedTokenizerBase, str, str]:
     """Load the tokenizer with the chat template choice applied; return it, the choice and the model path
     (a .gguf file or package-shipped model is converted once to a model dir)."""
-    from hfpipe.gguf import resolve_model_path
+    from hfpipe.models.gguf import resolve_model_path
 
     model_args, training_args = parsed.get(ModelConfig), parsed.get(TrainingArguments)
     name = resolve_model_path(model_args.model_name_or_path, cache_root())

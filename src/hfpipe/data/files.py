@@ -16,8 +16,8 @@ import datasets
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
-from hfpipe.args import DataArguments
 from hfpipe.errors import DataError, did_you_mean
+from hfpipe.sections import DataArguments
 
 # Bump when the packed layout changes, so old caches are not reused.
 CACHE_FORMAT = 1

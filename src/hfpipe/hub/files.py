@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hfpipe.errors import ConfigError
-from hfpipe.inference import adapter_base, save_merged_model
-from hfpipe.modeling import looks_local
+from hfpipe.models.pretrained import looks_local
+from hfpipe.models.trained import save_merged_model
+from hfpipe.rundir import CONFIG_FILE, LOSS_PLOT, MERGED_DIR, METRICS_FILE, REWARD_PLOT, adapter_base
 
-MERGED_DIR = "merged"  # in the run dir, as merge_adapter: true writes it
 ADAPTER_SUBFOLDER = "adapter"  # in the repo when both are uploaded
 MODEL_FILES = frozenset(
     {
@@ -35,10 +35,10 @@ MODEL_FILES = frozenset(
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
 # Run records uploaded beside the model: local name -> name in the repo.
 RUN_FILES = {
-    "config.yaml": "hfpipe_config.yaml",
-    "metrics.json": "metrics.json",
-    "loss.png": "loss.png",
-    "rewards.png": "rewards.png",
+    CONFIG_FILE: "hfpipe_config.yaml",
+    METRICS_FILE: METRICS_FILE,
+    LOSS_PLOT: LOSS_PLOT,
+    REWARD_PLOT: REWARD_PLOT,
 }
 
 

@@ -14,17 +14,18 @@ from peft import LoraConfig, PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl import DatasetMixtureConfig, DPOConfig, ModelConfig
 
-from hfpipe.args import DPOArguments, RunArguments, TuningArguments, device_defaults
 from hfpipe.config import ParsedConfig, parse
+from hfpipe.data.preference_rows import check_pair_lengths, prepare_preference_rows
+from hfpipe.data.sft_rows import Source
+from hfpipe.devices import device_defaults
 from hfpipe.errors import ConfigError
-from hfpipe.evaluation import EvalArguments
-from hfpipe.finetuning import SFT_DEFAULTS, finish_tuning_parse, load_model, lora_config, validate_tuning
-from hfpipe.finetuning import resolved_settings as tuning_settings
-from hfpipe.hub import check_hub_settings
-from hfpipe.inference import adapter_base
-from hfpipe.modeling import looks_local
-from hfpipe.preference_data import check_pair_lengths, prepare_preference_rows
-from hfpipe.sft_data import Source
+from hfpipe.evaluation.evaluate import EvalArguments
+from hfpipe.hub.publish import check_hub_settings
+from hfpipe.models.pretrained import looks_local
+from hfpipe.rundir import MERGED_SFT_DIR, adapter_base
+from hfpipe.sections import DPOArguments, RunArguments, TuningArguments
+from hfpipe.train.sft import SFT_DEFAULTS, finish_tuning_parse, load_model, lora_config, validate_tuning
+from hfpipe.train.sft import resolved_settings as tuning_settings
 
 DPO_ARGUMENTS = (DPOConfig, ModelConfig, DPOArguments, DatasetMixtureConfig, RunArguments, EvalArguments)
 
@@ -40,7 +41,6 @@ DPO_DEFAULTS: dict[str, Any] = {
     "per_device_eval_batch_size": None,  # the training batch: a pair is two sequences
 }
 DPO_LEARNING_RATES = (5e-7, 5e-6)  # full fine-tuning, LoRA
-MERGED_SFT_DIR = "sft-merged"  # in output_dir: the SFT adapter merged into its base (sft_adapter: merge)
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
 
@@ -198,7 +198,7 @@ def policy_preference_accuracy(
 ) -> float:
     """Fraction of converted preference rows whose chosen answer the model finds more likely than the rejected one
     (summed log-probabilities of the answer tokens given the prompt, rendered as TRL renders them)."""
-    from hfpipe.scoring import PreferenceRow, preference_logprobs, preference_metrics
+    from hfpipe.evaluation.scoring import PreferenceRow, preference_logprobs, preference_metrics
 
     was_training = model.training
     model.eval()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from hfpipe.chat_templates import render_ids, render_prompt_ids
+from hfpipe.data.chat_templates import render_ids, render_prompt_ids
 
 OPEN, CLOSE = "\u27e6", "\u27e7"  # ⟦ ⟧ around the tokens the loss covers
 

@@ -20,9 +20,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from hfpipe import scoring
 from hfpipe.errors import ConfigError, DataError, did_you_mean
-from hfpipe.scoring import CHOICE_EXAMPLE, PREFERENCE_EXAMPLE, ChoiceRow, PreferenceRow, choice_row, preference_row
+from hfpipe.evaluation import scoring
+from hfpipe.evaluation.scoring import (
+    CHOICE_EXAMPLE,
+    PREFERENCE_EXAMPLE,
+    ChoiceRow,
+    PreferenceRow,
+    choice_row,
+    preference_row,
+)
+from hfpipe.rundir import model_or_latest_run
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 LM_EVAL_INSTALL = "pip install lm-eval"
@@ -218,7 +226,7 @@ def check_lm_eval(tasks: list[str], where: str, key: str) -> None:
 
 def window_length(model: Any, max_length: int | None, key: str) -> int:
     """The tokens per scored sequence: `max_length`, or the model's context when not set."""
-    from hfpipe.generation import context_length
+    from hfpipe.tools.generate import context_length
 
     context = context_length(model)
     if max_length is None:
@@ -423,7 +431,7 @@ def run(args: argparse.Namespace) -> None:
     """Check every input, load the model, evaluate, print the table and write the results file."""
     from dataclasses import fields
 
-    from hfpipe.inference import latest_finished_run, load_for_inference
+    from hfpipe.models.trained import load_for_inference
 
     eval_args = EvalArguments(**{item.name: getattr(args, item.name) for item in fields(EvalArguments)})
     tasks = (eval_args.eval_text_files, eval_args.eval_choice_files, eval_args.eval_preference_files)
@@ -431,11 +439,9 @@ def run(args: argparse.Namespace) -> None:
         raise ConfigError("nothing to evaluate: give --text, --choices, --preferences or --lm-eval.")
     inputs = load_inputs(eval_args, "command line", FLAGS)
     check_output(args.output)
-    name = args.model
-    if name is None:
-        run_dir, stage = latest_finished_run()
-        name = str(run_dir)
-        print(f"Evaluating the latest finished {stage} run: {name}")
+    name, picked = model_or_latest_run(args.model)
+    if picked:
+        print(f"Evaluating {picked}: {name}")
     loaded = load_for_inference(name, args.dtype, args.device)
     results = evaluate_all(loaded.model, loaded.tokenizer, eval_args, inputs, FLAGS)
     print(format_table(results))

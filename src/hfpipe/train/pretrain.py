@@ -11,17 +11,8 @@ from datasets import DatasetDict
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 from trl import ModelConfig
 
-from hfpipe.args import (
-    DataArguments,
-    GPT2ShapeArguments,
-    RemoteCodeArguments,
-    RunArguments,
-    TokenizerArguments,
-    device_defaults,
-    resolve_device_settings,
-)
 from hfpipe.config import ParsedConfig, parse
-from hfpipe.data import (
+from hfpipe.data.files import (
     build_blocks,
     cache_root,
     cap_validation,
@@ -31,20 +22,15 @@ from hfpipe.data import (
     resolve_files,
     tokenizer_fingerprint,
 )
+from hfpipe.data.tokenizers import MIN_BPE_VOCAB, train_bpe, train_char
+from hfpipe.devices import device_defaults, resolve_device_settings
 from hfpipe.errors import ConfigError
-from hfpipe.evaluation import EvalArguments, check_config_evaluations
-from hfpipe.hub import check_hub_settings
-from hfpipe.modeling import (
-    SHAPE_KEYS,
-    build_gpt2,
-    check_model_path,
-    check_shape,
-    load_causal_lm,
-    load_tokenizer_from,
-    resolve_shape,
-)
-from hfpipe.run import RUN_DEFAULTS, derive_run_settings
-from hfpipe.tokenizer import MIN_BPE_VOCAB, train_bpe, train_char
+from hfpipe.evaluation.evaluate import EvalArguments, check_config_evaluations
+from hfpipe.hub.publish import check_hub_settings
+from hfpipe.models.gpt2 import SHAPE_KEYS, build_gpt2, check_shape, resolve_shape
+from hfpipe.models.pretrained import check_model_path, load_causal_lm, load_tokenizer_from
+from hfpipe.sections import DataArguments, GPT2ShapeArguments, RemoteCodeArguments, RunArguments, TokenizerArguments
+from hfpipe.train.run import RUN_DEFAULTS, derive_run_settings
 
 PRETRAIN_ARGUMENTS = (
     TrainingArguments,

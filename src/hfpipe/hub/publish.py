@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hfpipe.errors import ConfigError, UserError
-
-HUB_RECORD = "hub_push.json"  # in the run dir: where and when it was pushed
+from hfpipe.rundir import HUB_RECORD
 
 
 class HubError(UserError):
@@ -166,8 +165,8 @@ def push_run(run_dir: Path, target: HubTarget) -> str:
     raises HubError (one line); the local run is left as it was."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
-    from hfpipe.hub_files import collect_upload, stale_files
-    from hfpipe.model_card import model_card
+    from hfpipe.hub.card import model_card
+    from hfpipe.hub.files import collect_upload, stale_files
 
     upload = collect_upload(run_dir, target.upload)
     print(f"Pushing {run_dir} to the Hub: {upload.kind} ({upload.why}).")

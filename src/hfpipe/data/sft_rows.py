@@ -21,8 +21,8 @@ from typing import Any
 from datasets import Dataset, concatenate_datasets, load_dataset
 from transformers import PreTrainedTokenizerBase
 
-from hfpipe.chat_templates import render_ids, render_prompt_ids
-from hfpipe.data import BUILDERS, load_files, load_hub, resolve_files
+from hfpipe.data.chat_templates import render_ids, render_prompt_ids
+from hfpipe.data.files import BUILDERS, load_files, load_hub, resolve_files
 from hfpipe.errors import DataError
 
 FORMATS = ("text", "instruction", "messages", "prompt_completion")

@@ -1,0 +1,72 @@
+"""Pretrained causal LMs and tokenizers: local dir or Hub id, safetensors only, load failures as one line."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from hfpipe.errors import ConfigError
+
+
+def looks_local(name: str) -> bool:
+    """True when `name` is meant as a local path rather than a Hub id."""
+    return (
+        os.path.exists(name)
+        or name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or name.endswith((".gguf", ".safetensors"))
+    )
+
+
+# Output dirs that earlier stages of a pipeline will write, while `hfpipe pipeline` checks the later stages' configs.
+_planned_dirs: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("planned_dirs", default=frozenset())
+
+
+@contextlib.contextmanager
+def planned_model_dirs(paths: set[str]) -> Iterator[None]:
+    """Within this block, `check_model_path` accepts `paths` as model dirs that do not exist yet."""
+    token = _planned_dirs.set(frozenset(paths))
+    try:
+        yield
+    finally:
+        _planned_dirs.reset(token)
+
+
+def check_model_path(name: str, key: str, where: str) -> None:
+    """A local model or tokenizer path must exist and be a directory (or be a planned pipeline output)."""
+    if name in _planned_dirs.get():
+        return
+    if looks_local(name) and not Path(name).expanduser().is_dir():
+        raise ConfigError(f"{where}: {key}: '{name}' is not a directory. Give a model output dir or a Hub id.")
+
+
+def load_tokenizer_from(
+    name: str, key: str, revision: str = "main", trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """Load a pretrained tokenizer; a load failure is a one-line ConfigError naming the config key."""
+    try:
+        return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise ConfigError(f"{key}: no tokenizer could be loaded from '{name}': {str(error).splitlines()[0]}") from None
+
+
+def load_causal_lm(
+    name: str, revision: str, dtype: str | None, attn: str | None, trust_remote_code: bool
+) -> PreTrainedModel:
+    """Load a pretrained causal LM from safetensors weights; a load failure is a one-line ConfigError."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            name,
+            revision=revision,
+            dtype=dtype or "auto",
+            attn_implementation=attn,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+        )
+    except OSError as error:
+        raise ConfigError(f"model_name_or_path: '{name}' could not be loaded: {str(error).splitlines()[0]}") from None
