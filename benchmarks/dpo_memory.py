@@ -42,7 +42,8 @@ def build_model(name: str, work: Path) -> Path:
     from transformers import set_seed
 
     from hfpipe.data.chat_templates import apply_chat_template_choice
-    from hfpipe.data.files import iter_texts, load_raw_splits
+    from hfpipe.data.files import load_raw_splits
+    from hfpipe.data.text_blocks import iter_texts
     from hfpipe.data.tokenizers import train_bpe
     from hfpipe.models.gpt2 import build_gpt2
     from hfpipe.sections import DataArguments

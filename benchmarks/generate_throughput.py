@@ -34,7 +34,9 @@ import torch
 from readme_table import write_marked_table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hfpipe.tools.generate import add_arguments, decode, encode_prompt, generate_ids, prepare, render_prompt
+from hfpipe.tools.decoding import generate_ids
+from hfpipe.tools.generate import add_arguments, decode, prepare
+from hfpipe.tools.prompts import encode_prompt, render_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

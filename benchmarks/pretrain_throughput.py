@@ -30,7 +30,8 @@ from transformers import TrainingArguments, get_scheduler, set_seed
 from hfpipe.data.files import load_raw_splits
 from hfpipe.models.gpt2 import build_gpt2, check_shape
 from hfpipe.sections import DataArguments, GPT2ShapeArguments, RunArguments
-from hfpipe.train.pretrain import load_blocks, load_tokenizer, parse_pretrain
+from hfpipe.train.pretrain import load_blocks, load_tokenizer
+from hfpipe.train.pretrain import parse as parse_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

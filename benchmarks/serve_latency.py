@@ -111,7 +111,8 @@ def time_in_process(loaded, prompt: str, max_tokens: int) -> dict:
     import torch
     from transformers import TextIteratorStreamer
 
-    from hfpipe.tools.generate import build_generation_config, encode_prompt, render_chat_prompt
+    from hfpipe.tools.decoding import build_generation_config
+    from hfpipe.tools.prompts import encode_prompt, render_chat_prompt
 
     tokenizer = loaded.tokenizer
     start = time.perf_counter()

@@ -57,8 +57,10 @@ def build_assets(work: Path, long_rows: bool) -> tuple[Path, Path]:
     from datasets import Dataset
     from transformers import set_seed
 
-    from hfpipe.data.files import iter_texts, load_raw_splits
-    from hfpipe.data.sft_rows import Source, prepare_source
+    from hfpipe.data.files import load_raw_splits
+    from hfpipe.data.sft_rows import prepare_source
+    from hfpipe.data.sources import Source
+    from hfpipe.data.text_blocks import iter_texts
     from hfpipe.data.tokenizers import train_bpe
     from hfpipe.models.gpt2 import build_gpt2
     from hfpipe.sections import DataArguments

@@ -11,9 +11,9 @@ from conftest import ROOT, write_config
 from hfpipe.cli import main as hfpipe_main
 from hfpipe.devices import cpu_has_native_bf16
 from hfpipe.stages import stage_named_in
-from hfpipe.train.dpo import parse_dpo
-from hfpipe.train.pretrain import parse_pretrain
-from hfpipe.train.sft import parse_sft
+from hfpipe.train.dpo import parse as parse_dpo
+from hfpipe.train.pretrain import parse as parse_pretrain
+from hfpipe.train.sft import parse as parse_sft
 
 SHIPPED = sorted((ROOT / "configs").glob("**/*.yaml"))
 PIPELINES = [path for path in SHIPPED if path.read_text().startswith("# hfpipe pipeline ")]

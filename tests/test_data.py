@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from hfpipe.data.files import load_raw_splits, pack_texts
+from hfpipe.data.files import load_raw_splits
+from hfpipe.data.text_blocks import pack_texts
 from hfpipe.errors import DataError
 from hfpipe.sections import DataArguments
 

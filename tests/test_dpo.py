@@ -13,7 +13,7 @@ from datasets import Dataset
 from safetensors.torch import load_file
 
 from hfpipe.data.preference_rows import prepare_preference_rows
-from hfpipe.data.sft_rows import Source
+from hfpipe.data.sources import Source
 from hfpipe.sections import TuningArguments
 
 PAIRS = [{"instruction": f"King {i}?", "chosen": f"Lear {i}.", "rejected": "No."} for i in range(24)]

@@ -14,17 +14,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from hfpipe.cli import main as hfpipe_main
-from hfpipe.tools.generate import (
-    COMPARE_STRATEGIES,
-    build_generation_config,
-    check_sampling_values,
-    instruction_conversation,
-    pick_format,
-    read_prompts,
-    render_chat_prompt,
-    render_prompt,
-    side_by_side,
-)
+from hfpipe.tools.decoding import build_generation_config, check_sampling_values
+from hfpipe.tools.generate import COMPARE_STRATEGIES, read_prompts, side_by_side
+from hfpipe.tools.prompts import instruction_conversation, pick_format, render_chat_prompt, render_prompt
 
 PROMPT = "the king shall"
 
@@ -357,3 +349,28 @@ def test_adapter_dir_generates_like_its_merged_model(tiny_gpt2_dir: Path, tmp_pa
     out, err = generate([str(tmp_path / "adapter"), "--prompt", PROMPT, "--max-new-tokens", "8"], capsys)
     assert out == PROMPT + plain_generate(merged, tokenizer, PROMPT, max_new_tokens=8, do_sample=False) + "\n"
     assert f"(adapter on {tiny_gpt2_dir})" in err
+
+
+def test_generate_chat_and_serve_share_the_loading_and_decoding_flags() -> None:
+    import argparse
+    import importlib
+
+    def parse(tool: str, argv: list[str]) -> dict:
+        parser = argparse.ArgumentParser()
+        importlib.import_module(f"hfpipe.tools.{tool}").add_arguments(parser)
+        return vars(parser.parse_args(["some-model", *argv]))
+
+    loading = ["--dtype", "float32", "--device", "cpu", "--trust-remote-code"]
+    decoding = ["--temperature", "0.5", "--top-k", "5", "--top-p", "0.9", "--repetition-penalty", "1.2"]
+    decoding += ["--max-new-tokens", "7", "--seed", "3"]
+    expected_loading = {"dtype": "float32", "device": "cpu", "trust_remote_code": True}
+    expected_decoding = {"temperature": 0.5, "top_k": 5, "top_p": 0.9, "repetition_penalty": 1.2}
+    expected_decoding |= {"max_new_tokens": 7, "seed": 3}
+    for tool in ("generate", "chat", "serve"):
+        parsed = parse(tool, loading)
+        assert {key: parsed[key] for key in expected_loading} == expected_loading, tool
+    for tool in ("generate", "chat"):  # serve's decoding comes from each request (its --max-new-tokens is its own)
+        parsed = parse(tool, [*loading, *decoding])
+        assert {key: parsed[key] for key in expected_decoding} == expected_decoding, tool
+        unset = parse(tool, [])
+        assert {key: unset[key] for key in expected_decoding} == dict.fromkeys(expected_decoding), tool

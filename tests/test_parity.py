@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfpipe.models.trained import load_for_inference
-from hfpipe.tools.generate import add_arguments, generate_ids, prepare
+from hfpipe.tools.decoding import generate_ids
+from hfpipe.tools.generate import add_arguments, prepare
 
 PROMPT = "the king shall"
 

@@ -76,7 +76,8 @@ output_dir: {tmp_path}/run
 
 
 def test_resaved_config_reruns_the_same_settings(tiny_config) -> None:
-    from hfpipe.train.pretrain import parse_pretrain, resolved_settings
+    from hfpipe.train.pretrain import parse as parse_pretrain
+    from hfpipe.train.pretrain import resolved_settings
     from hfpipe.train.run import save_resolved_config
 
     first = parse_pretrain(["--config", str(tiny_config()), "--learning_rate", "2e-3"])

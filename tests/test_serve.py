@@ -295,7 +295,7 @@ def test_chat_template_model_renders_with_its_template(loaded: LoadedModel, tmp_
 
 
 def test_conversation_without_template_uses_the_instruction_layout(client: openai.OpenAI, loaded: LoadedModel) -> None:
-    from hfpipe.tools.generate import encode_prompt, render_chat_prompt
+    from hfpipe.tools.prompts import encode_prompt, render_chat_prompt
 
     messages = [
         {"role": "system", "content": "Be brief."},

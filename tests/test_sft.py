@@ -298,7 +298,9 @@ def test_dora_adapter_trains_magnitudes_too(sft_config, sft_main) -> None:
 
 
 def test_mixture_of_two_formats_keeps_its_shares(tmp_path: Path, tiny_gpt2_dir: Path) -> None:
-    from hfpipe.train.sft import load_splits, load_tokenizer, parse_sft
+    from hfpipe.data import load_splits, prepare_sft_rows
+    from hfpipe.train.sft import parse as parse_sft
+    from hfpipe.train.tuning import load_tokenizer
 
     instructions = write_rows(tmp_path / "a.jsonl", ROWS)  # 24 rows
     pairs = write_rows(
@@ -320,7 +322,7 @@ test_split_size: 0.25
     )
     parsed = parse_sft(["--config", str(config)])
     tokenizer, _, _ = load_tokenizer(parsed)
-    splits, table = load_splits(parsed, tokenizer, smoke=False)
+    splits, table = load_splits(parsed, tokenizer, smoke=False, prepare=prepare_sft_rows)
     assert len(splits["train"]) + len(splits["validation"]) == 24 + 8  # 75% / 25%, the 24 rows cap the total
     assert "a.jsonl" in table and "instruction" in table and "prompt_completion" in table and "75.0%" in table
     assert set(splits["train"].column_names) == {"prompt", "completion"}

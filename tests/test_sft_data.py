@@ -9,7 +9,8 @@ import pytest
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from hfpipe.data.sft_rows import Source, convert_row, detect_format, mix, prepare_source
+from hfpipe.data.sft_rows import convert_row, detect_format, prepare_source
+from hfpipe.data.sources import Source, mix
 from hfpipe.errors import DataError
 from hfpipe.train.sft import length_report
 
@@ -146,3 +147,26 @@ def test_shipped_instruction_set_is_valid_and_large_enough() -> None:
     }
     converted, row_format, skipped = prepare_source(source("train.jsonl", train), False, None, False)
     assert row_format == "instruction" and skipped == 0 and len(converted) == len(train)
+
+
+def test_a_row_format_added_in_one_place_is_detected_checked_and_converted(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hfpipe.data.sft_rows import ROW_FORMATS, RowFormat
+
+    question_answer = RowFormat(
+        "question_answer",
+        lambda names: {"question", "answer"} <= names,
+        lambda row: None if row["answer"].strip() else "'answer' is empty",
+        lambda row, chat, system: {"prompt": f"Q: {row['question']}\nA:", "completion": f" {row['answer']}"},
+    )
+    monkeypatch.setitem(ROW_FORMATS, "question_answer", question_answer)
+    rows = [{"question": "Who wrote Lear?", "answer": "Shakespeare."}, {"question": "And Faust?", "answer": " "}]
+    converted, row_format, skipped = prepare_source(source("qa.jsonl", rows), False, None, skip_bad_rows=True)
+    assert (row_format, skipped) == ("question_answer", 1)
+    assert converted[0] == {"prompt": "Q: Who wrote Lear?\nA:", "completion": " Shakespeare."}
+    with pytest.raises(DataError, match="qa.jsonl: row 2: 'answer' is empty"):
+        prepare_source(source("qa.jsonl", rows), False, None, skip_bad_rows=False)
+
+
+def test_an_unknown_row_format_raises_instead_of_falling_into_another() -> None:
+    with pytest.raises(ValueError, match="unknown row format 'chosen_rejected'"):
+        convert_row({"text": "x"}, "chosen_rejected", chat=False, system_prompt=None)

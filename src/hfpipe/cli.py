@@ -73,11 +73,13 @@ def sft_preview(parsed: ParsedConfig, count: int) -> str:
     """Load the tokenizer and rows of an SFT config (no model) and render `count` training samples."""
     from trl import SFTConfig
 
+    from hfpipe.data import load_splits, prepare_sft_rows
     from hfpipe.tools.preview import show_samples
-    from hfpipe.train.sft import assistant_loss_mode, length_report, load_splits, load_tokenizer
+    from hfpipe.train.sft import assistant_loss_mode, length_report
+    from hfpipe.train.tuning import load_tokenizer
 
     tokenizer, choice, _ = load_tokenizer(parsed)
-    splits, table = load_splits(parsed, tokenizer, smoke=False)
+    splits, table = load_splits(parsed, tokenizer, smoke=False, prepare=prepare_sft_rows)
     max_length = parsed.get(SFTConfig).max_length
     train, lengths = length_report(splits["train"], tokenizer, max_length, True, "training rows")
     mode = assistant_loss_mode(tokenizer, splits)

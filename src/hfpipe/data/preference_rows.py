@@ -23,11 +23,11 @@ from hfpipe.data.chat_templates import render_ids
 from hfpipe.data.sft_rows import (
     INSTRUCTION_INPUT_PROMPT,
     INSTRUCTION_PROMPT,
-    Source,
     drop_bad_rows,
     messages_problem,
     nonempty_text,
 )
+from hfpipe.data.sources import Source
 from hfpipe.errors import DataError
 from hfpipe.sections import TuningArguments
 

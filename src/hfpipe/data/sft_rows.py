@@ -1,5 +1,5 @@
-"""Supervised fine-tuning data: detect each source's row format, validate rows, convert them to TRL's
-formats, mix sources by fraction, and report rows, tokens and truncation.
+"""SFT row formats: detect each source's format from its columns, validate rows, convert them to TRL's formats.
+A format is one `RowFormat` entry in `ROW_FORMATS`.
 
 Conversion rules (documented in the README):
 - `text`: kept; the loss covers every token.
@@ -12,50 +12,31 @@ Conversion rules (documented in the README):
 
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from datasets import Dataset, concatenate_datasets, load_dataset
-from transformers import PreTrainedTokenizerBase
+from datasets import Dataset
 
-from hfpipe.data.chat_templates import render_ids, render_prompt_ids
-from hfpipe.data.files import BUILDERS, load_files, load_hub, resolve_files
+from hfpipe.data.sources import Source
 from hfpipe.errors import DataError
+from hfpipe.sections import TuningArguments
 
-FORMATS = ("text", "instruction", "messages", "prompt_completion")
 ROLES = ("system", "user", "assistant", "tool")
 FROM_VALUE_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 INSTRUCTION_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 INSTRUCTION_INPUT_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
 
-@dataclass
-class Source:
-    """One loaded data source before conversion."""
+@dataclass(frozen=True)
+class RowFormat:
+    """One SFT row format: the columns that identify it, what makes a row unusable, and its TRL conversion."""
 
     name: str
-    dataset: Dataset
-    fraction: float | None = None
-
-
-def detect_format(columns: list[str], source: str) -> str:
-    """Name the row format from a source's columns."""
-    names = set(columns)
-    if names & {"messages", "conversations"}:
-        return "messages"
-    if {"prompt", "completion"} <= names:
-        return "prompt_completion"
-    if "instruction" in names and names & {"output", "response"}:
-        return "instruction"
-    if "text" in names:
-        return "text"
-    raise DataError(
-        f"{source}: cannot tell the row format from its columns ({', '.join(sorted(names))}). Expected 'text'; "
-        "'instruction' + 'output' (+ 'input'); 'messages'; or 'prompt' + 'completion'. Rename the columns."
-    )
+    matches: Callable[[set[str]], bool]  # from the source's column names
+    problem: Callable[[dict[str, Any]], str | None]
+    convert: Callable[[dict[str, Any], bool, str | None], dict[str, Any]]  # (row, chat template?, system prompt)
 
 
 def nonempty_text(value: Any) -> bool:
@@ -77,26 +58,96 @@ def messages_problem(messages: Any, field: str) -> str | None:
     return None
 
 
-def row_problem(row: dict[str, Any], row_format: str) -> str | None:
-    """Describe what is wrong with one row, or None when it can be trained on."""
-    if row_format == "text":
-        return None if nonempty_text(row.get("text")) else "'text' is empty"
-    if row_format == "instruction":
-        output = row.get("output", row.get("response"))
-        if not nonempty_text(row.get("instruction")):
-            return "'instruction' is empty"
-        return None if nonempty_text(output) else "'output' is empty"
-    if row_format == "messages":
-        problem = messages_problem(row["messages"], "messages")
-        if problem is None and row["messages"][-1]["role"] != "assistant":
-            return "the last message must be the assistant's (it is what the model learns to write)"
-        return problem
+def _text_problem(row: dict[str, Any]) -> str | None:
+    return None if nonempty_text(row.get("text")) else "'text' is empty"
+
+
+def _instruction_problem(row: dict[str, Any]) -> str | None:
+    if not nonempty_text(row.get("instruction")):
+        return "'instruction' is empty"
+    return None if nonempty_text(row.get("output", row.get("response"))) else "'output' is empty"
+
+
+def _messages_problem(row: dict[str, Any]) -> str | None:
+    problem = messages_problem(row["messages"], "messages")
+    if problem is None and row["messages"][-1]["role"] != "assistant":
+        return "the last message must be the assistant's (it is what the model learns to write)"
+    return problem
+
+
+def _prompt_completion_problem(row: dict[str, Any]) -> str | None:
     for field in ("prompt", "completion"):
         value = row.get(field)
         problem = messages_problem(value, field) if isinstance(value, list) else None
         if problem or (not isinstance(value, list) and not nonempty_text(value)):
             return problem or f"'{field}' is empty"
     return None
+
+
+def _convert_instruction(row: dict[str, Any], chat: bool, system_prompt: str | None) -> dict[str, Any]:
+    output = row.get("output", row.get("response"))
+    extra = row.get("input") or ""
+    if chat:
+        user = row["instruction"] + (f"\n\n{extra}" if extra.strip() else "")
+        prompt = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": user}
+        ]
+        return {"prompt": prompt, "completion": [{"role": "assistant", "content": output}]}
+    layout = INSTRUCTION_INPUT_PROMPT if extra.strip() else INSTRUCTION_PROMPT
+    return {"prompt": layout.format(instruction=row["instruction"], input=extra), "completion": output}
+
+
+# Detection order: the first format whose columns match names the source's rows.
+ROW_FORMATS: dict[str, RowFormat] = {
+    row_format.name: row_format
+    for row_format in (
+        RowFormat(
+            "messages",
+            lambda names: bool(names & {"messages", "conversations"}),
+            _messages_problem,
+            lambda row, chat, system: {"messages": row["messages"]},
+        ),
+        RowFormat(
+            "prompt_completion",
+            lambda names: {"prompt", "completion"} <= names,
+            _prompt_completion_problem,
+            lambda row, chat, system: {"prompt": row["prompt"], "completion": row["completion"]},
+        ),
+        RowFormat(
+            "instruction",
+            lambda names: "instruction" in names and bool(names & {"output", "response"}),
+            _instruction_problem,
+            _convert_instruction,
+        ),
+        RowFormat(
+            "text", lambda names: "text" in names, _text_problem, lambda row, chat, system: {"text": row["text"]}
+        ),
+    )
+}
+FORMATS = tuple(ROW_FORMATS)
+
+
+def detect_format(columns: list[str], source: str) -> str:
+    """Name the row format from a source's columns."""
+    names = set(columns)
+    for row_format in ROW_FORMATS.values():
+        if row_format.matches(names):
+            return row_format.name
+    raise DataError(
+        f"{source}: cannot tell the row format from its columns ({', '.join(sorted(names))}). Expected 'text'; "
+        "'instruction' + 'output' (+ 'input'); 'messages'; or 'prompt' + 'completion'. Rename the columns."
+    )
+
+
+def _format(name: str) -> RowFormat:
+    if name not in ROW_FORMATS:
+        raise ValueError(f"unknown row format {name!r}; known: {', '.join(ROW_FORMATS)}")
+    return ROW_FORMATS[name]
+
+
+def row_problem(row: dict[str, Any], row_format: str) -> str | None:
+    """Describe what is wrong with one row, or None when it can be trained on."""
+    return _format(row_format).problem(row)
 
 
 def _normalise_conversations(row: dict[str, Any]) -> dict[str, Any]:
@@ -109,24 +160,10 @@ def _normalise_conversations(row: dict[str, Any]) -> dict[str, Any]:
     return {"messages": turns}
 
 
+
 def convert_row(row: dict[str, Any], row_format: str, chat: bool, system_prompt: str | None) -> dict[str, Any]:
     """Convert a valid row to TRL's format: {'text'}, {'messages'} or {'prompt', 'completion'}."""
-    if row_format == "text":
-        return {"text": row["text"]}
-    if row_format == "messages":
-        return {"messages": row["messages"]}
-    if row_format == "prompt_completion":
-        return {"prompt": row["prompt"], "completion": row["completion"]}
-    output = row.get("output", row.get("response"))
-    extra = row.get("input") or ""
-    if chat:
-        user = row["instruction"] + (f"\n\n{extra}" if extra.strip() else "")
-        prompt = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": user}
-        ]
-        return {"prompt": prompt, "completion": [{"role": "assistant", "content": output}]}
-    layout = INSTRUCTION_INPUT_PROMPT if extra.strip() else INSTRUCTION_PROMPT
-    return {"prompt": layout.format(instruction=row["instruction"], input=extra), "completion": output}
+    return _format(row_format).convert(row, chat, system_prompt)
 
 
 def prepare_source(
@@ -168,47 +205,6 @@ def drop_bad_rows(
     if bad:
         dataset = dataset.select(sorted(set(range(len(dataset))) - {index for index, _ in bad}))
     return dataset, len(bad)
-
-
-def load_source(path: str, where: str, **hub_options: Any) -> Dataset:
-    """Load a local file, glob or Hub dataset name as a Dataset with all its columns."""
-    is_local = os.path.exists(path) or glob.has_magic(path) or os.path.splitext(path)[1].lower() in BUILDERS
-    if is_local:
-        return load_files(resolve_files([path], "data", where))
-    if hub_options.get("data_files") or hub_options.get("data_dir"):
-        try:
-            return load_dataset(path, **hub_options)
-        except Exception as error:  # one line, whatever the cause
-            raise DataError(f"dataset '{path}' could not be loaded: {str(error).splitlines()[0]}") from None
-    return load_hub(path, hub_options.get("name"), hub_options.get("split", "train"))
-
-
-def mix(converted: list[Dataset], fractions: list[float | None]) -> list[Dataset]:
-    """Cut each source to its share of the mixture (TRL's rule: normalized fractions, nothing oversampled)."""
-    if all(fraction is None for fraction in fractions):
-        return converted
-    if any(fraction is None for fraction in fractions):
-        raise DataError("datasets: set 'fraction' on every dataset of the mixture or on none.")
-    total_weight = sum(fractions)
-    weights = [fraction / total_weight for fraction in fractions]
-    size = min(len(dataset) / weight for dataset, weight in zip(converted, weights, strict=True) if weight > 0)
-    return [
-        dataset.select(range(min(len(dataset), round(weight * size))))
-        for dataset, weight in zip(converted, weights, strict=True)
-    ]
-
-
-def rendered_lengths(dataset: Dataset, tokenizer: PreTrainedTokenizerBase) -> list[tuple[int, int]]:
-    """(prompt tokens, total tokens) per converted row, as the chat template or plain text renders it."""
-    return [(len(render_prompt_ids(tokenizer, row)), len(render_ids(tokenizer, row))) for row in dataset]
-
-
-def concatenate(parts: list[Dataset]) -> Dataset:
-    """Concatenate converted sources (all of one TRL format)."""
-    kinds = {tuple(sorted(part.column_names)) for part in parts}
-    if len(kinds) > 1:
-        raise DataError(
-            "the datasets convert to different kinds of rows "
-            f"({' vs '.join('/'.join(kind) for kind in sorted(kinds))}); mix sources of one kind."
-        )
-    return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+def prepare_sft_rows(source: Source, chat: bool, data_args: TuningArguments) -> tuple[Dataset, str, int]:
+    """SFT's row preparer: text, instruction, messages or prompt/completion rows."""
+    return prepare_source(source, chat, data_args.system_prompt, data_args.skip_bad_rows)

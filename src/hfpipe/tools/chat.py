@@ -32,7 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 from hfpipe.errors import ConfigError
 from hfpipe.rundir import model_or_latest_run
-from hfpipe.tools.generate import DTYPES, check_sampling_values
+from hfpipe.tools.decoding import build_generation_config, check_sampling_values, default_max_new_tokens, generate_ids
+from hfpipe.tools.model_flags import add_decoding_flags, add_model_flags
+from hfpipe.tools.prompts import context_length, encode_prompt, render_chat_prompt
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
@@ -168,8 +170,6 @@ class ChatSession:
     @property
     def context(self) -> int | None:
         """Positions the model was built with."""
-        from hfpipe.tools.generate import context_length
-
         return context_length(self.loaded.model)
 
     @property
@@ -179,8 +179,6 @@ class ChatSession:
 
     def prompt_ids(self, history: list[dict[str, str]]) -> list[int]:
         """Token ids of the conversation rendered for the model's next reply."""
-        from hfpipe.tools.generate import encode_prompt, render_chat_prompt
-
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + history
         return encode_prompt(
             self.loaded.tokenizer, render_chat_prompt(self.loaded.tokenizer, messages), self.prompt_format
@@ -193,8 +191,6 @@ class ChatSession:
 
     def generation_config(self) -> GenerationConfig:
         """The model's generation config with the chat's settings on top."""
-        from hfpipe.tools.generate import build_generation_config
-
         settings = self.settings
         sampling = settings.temperature > 0
         return build_generation_config(
@@ -211,8 +207,6 @@ class ChatSession:
     def reply(self, text: str) -> str | None:
         """Answer a user message, streaming the answer to stdout; keep both in the history. Returns the answer, or
         None (after printing why) when the message alone does not fit the context."""
-        from hfpipe.tools.generate import generate_ids
-
         history, dropped = trim_history([*self.history, {"role": "user", "content": text}], self.fits)
         if not self.fits(history):
             length = len(self.prompt_ids(history))
@@ -271,8 +265,6 @@ def initial_settings(
     generation_config: GenerationConfig | None, args: argparse.Namespace, context: int | None
 ) -> Settings:
     """The model's own decoding settings (greedy unless its generation_config samples) with the flags on top."""
-    from hfpipe.tools.generate import default_max_new_tokens
-
     own = generation_config
     sampling = bool(own is not None and own.do_sample)
     temperature = (own.temperature or 1.0) if sampling else 0.0
@@ -292,13 +284,13 @@ def initial_settings(
 
 def check_args(args: argparse.Namespace) -> None:
     """Validate the flags before any model is loaded."""
-    if args.temperature is not None and not (args.temperature >= 0 and math.isfinite(args.temperature)):
-        raise ConfigError(f"--temperature {args.temperature}: must be 0 (greedy) or more.")
     check_sampling_values(
+        temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         repetition_penalty=args.repetition_penalty,
         max_new_tokens=args.max_new_tokens,
+        zero_temperature_greedy=True,
     )
 
 
@@ -339,15 +331,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: the newest finished run under outputs/)",
     )
     parser.add_argument("--system", help="a system message that starts the conversation")
-    parser.add_argument("--temperature", type=float, help="0 for greedy, more to sample (default: the model's)")
-    parser.add_argument("--top-k", type=int, help=">= 0 (0: no top-k filter)")
-    parser.add_argument("--top-p", type=float, help="in (0, 1]")
-    parser.add_argument("--repetition-penalty", type=float, help="> 0; 1 means none")
-    parser.add_argument("--max-new-tokens", type=int, help="per answer (default: half the context, at most 128)")
-    parser.add_argument("--seed", type=int, help="seed once at the start, for a reproducible session")
-    parser.add_argument("--dtype", choices=DTYPES, help="default: the checkpoint's")
-    parser.add_argument("--device", help="e.g. cpu, cuda:0 (default: a GPU when present)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model")
+    add_decoding_flags(
+        parser,
+        zero_temperature_greedy=True,
+        seed_help="seed once at the start, for a reproducible session",
+        per="per answer",
+    )
+    add_model_flags(parser)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -356,7 +346,6 @@ def run(args: argparse.Namespace) -> None:
     from transformers.utils import logging
 
     from hfpipe.models.trained import load_for_inference
-    from hfpipe.tools.generate import context_length
 
     check_args(args)
     name, picked = model_or_latest_run(args.model)

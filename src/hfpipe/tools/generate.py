@@ -25,22 +25,28 @@ import json
 import shutil
 import sys
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hfpipe.errors import ConfigError
+from hfpipe.tools.decoding import (
+    build_generation_config,
+    check_sampling_values,
+    default_max_new_tokens,
+    describe_decoding,
+    generate_ids,
+)
+from hfpipe.tools.model_flags import add_decoding_flags, add_model_flags
+from hfpipe.tools.prompts import FORMATS, check_prompt_fits, context_length, encode_prompt, pick_format, render_prompt
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
     from hfpipe.models.trained import LoadedModel
 
-FORMATS = ("chat", "instruction", "raw")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-DEFAULT_MAX_NEW_TOKENS = 128
 # --compare: label -> generation settings. Sampling columns set every sampling knob, so that a model's own
 # generation_config cannot change what the column means.
 COMPARE_STRATEGIES: dict[str, dict[str, Any]] = {
@@ -49,208 +55,6 @@ COMPARE_STRATEGIES: dict[str, dict[str, Any]] = {
     "top-p 0.9": {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 0.9, "num_beams": 1},
     "beam search 4": {"do_sample": False, "num_beams": 4},
 }
-
-
-def cli_flag(field: str) -> str:
-    """The command-line flag of a generation field: 'top_p' -> '--top-p'."""
-    return "--" + field.replace("_", "-")
-
-
-def check_sampling_values(
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float | None = None,
-    max_new_tokens: int | None = None,
-    num_beams: int | None = None,
-    name: Callable[[str], str] = cli_flag,
-) -> None:
-    """Raise a one-line ConfigError naming the first out-of-range value; None means "not given" and passes.
-
-    `name` turns a field name into what the user typed (a CLI flag by default; an HTTP server can pass
-    `lambda field: field` to name JSON fields).
-    """
-    rules = [
-        ("temperature", temperature, lambda v: v > 0, "must be greater than 0 (greedy decoding needs no temperature)"),
-        ("top_k", top_k, lambda v: v >= 0, "must be 0 (no top-k filter) or more"),
-        ("top_p", top_p, lambda v: 0 < v <= 1, "must be greater than 0 and at most 1"),
-        ("repetition_penalty", repetition_penalty, lambda v: v > 0, "must be greater than 0 (1 means no penalty)"),
-        ("max_new_tokens", max_new_tokens, lambda v: v > 0, "must be greater than 0"),
-        ("num_beams", num_beams, lambda v: v >= 1, "must be 1 or more"),
-    ]
-    for field, value, valid, rule in rules:
-        if value is not None and not valid(value):  # written as "not valid" so that NaN fails too
-            raise ConfigError(f"{name(field)} {value}: {rule}.")
-
-
-def build_generation_config(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    *,
-    max_new_tokens: int,
-    do_sample: bool | None = None,
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float | None = None,
-    num_beams: int | None = None,
-) -> GenerationConfig:
-    """A copy of the model's own generation config with the given values on top, ready for `model.generate`.
-
-    Sampling is on when `do_sample` is True, or when it is None and a temperature, top-k or top-p is given;
-    otherwise decoding is greedy (beam search with `num_beams` > 1). Values left None keep the model's
-    generation_config.json, then transformers' defaults. The pad token is the tokenizer's pad (or EOS), and EOS
-    the tokenizer's when the model names none.
-    """
-    from transformers import GenerationConfig
-
-    config = GenerationConfig() if model.generation_config is None else copy.deepcopy(model.generation_config)
-    sampling = do_sample if do_sample is not None else any(v is not None for v in (temperature, top_k, top_p))
-    given = {
-        "temperature": temperature,
-        "top_k": top_k,
-        "top_p": top_p,
-        "repetition_penalty": repetition_penalty,
-        "num_beams": num_beams,
-    }
-    config.update(
-        max_new_tokens=max_new_tokens, do_sample=sampling, **{k: v for k, v in given.items() if v is not None}
-    )
-    if tokenizer is not None:
-        if config.eos_token_id is None:
-            config.eos_token_id = tokenizer.eos_token_id
-        if config.pad_token_id is None:
-            config.pad_token_id = (
-                tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            )
-    return config
-
-
-def describe_decoding(config: GenerationConfig) -> str:
-    """One line on how a generation config decodes: 'greedy', 'beam search 4' or the sampling values."""
-    if config.do_sample:
-        knobs = [f"temperature {config.temperature if config.temperature is not None else 1.0}"]
-        knobs.append(f"top-k {config.top_k if config.top_k is not None else 50}")
-        knobs.append(f"top-p {config.top_p if config.top_p is not None else 1.0}")
-        text = "sampling, " + ", ".join(knobs)
-    else:
-        text = f"beam search {config.num_beams}" if (config.num_beams or 1) > 1 else "greedy"
-    if config.repetition_penalty not in (None, 1.0):
-        text += f", repetition penalty {config.repetition_penalty}"
-    return f"{text}, at most {config.max_new_tokens} new tokens"
-
-
-def instruction_prompt(instruction: str) -> str:
-    """The '### Instruction:' prompt hfpipe's SFT trains on (for a tokenizer without a chat template)."""
-    from hfpipe.data.sft_rows import convert_row
-
-    row = {"instruction": instruction, "input": "", "output": ""}
-    return convert_row(row, "instruction", chat=False, system_prompt=None)["prompt"]
-
-
-def instruction_conversation(messages: list[dict[str, str]]) -> str:
-    """A conversation in hfpipe's instruction layout, for a tokenizer without a chat template: a system message as a
-    first paragraph, each user message as an '### Instruction:' prompt, each assistant reply after its prompt and
-    followed by a blank line. Ends with the prompt of the last user message."""
-    parts = []
-    for message in messages:
-        if message["role"] == "user":
-            parts.append(instruction_prompt(message["content"]))
-        else:
-            parts.append(message["content"] + "\n\n")
-    return "".join(parts)
-
-
-def render_chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
-    """The text a model reads before its next reply to a conversation (role/content messages, the last one the
-    user's): the chat template with its generation prompt, or without a template `instruction_conversation`."""
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return instruction_conversation(messages)
-
-
-def render_prompt(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, prompt_format: str, system: str | None = None
-) -> str:
-    """The text the model reads for one prompt in a format of FORMATS (see the module docstring)."""
-    if prompt_format == "raw":
-        return prompt
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    if prompt_format == "chat":
-        return render_chat_prompt(tokenizer, messages)
-    return instruction_conversation(messages)
-
-
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, prompt_format: str) -> list[int]:
-    """Token ids of a rendered prompt. Rendered chat templates carry their own special tokens (BOS), so nothing is
-    added to them; raw and instruction prompts are tokenized as SFT tokenizes its prompts."""
-    return tokenizer(text, add_special_tokens=prompt_format != "chat")["input_ids"]
-
-
-def pick_format(requested: str | None, tokenizer: PreTrainedTokenizerBase, model_dir: str) -> tuple[str, str]:
-    """The prompt format to use and why (see the module docstring); 'chat' without a template is an error."""
-    if requested == "chat" and not tokenizer.chat_template:
-        raise ConfigError(
-            f"--format chat: {model_dir} has no chat template. Use --format instruction (hfpipe's SFT layout) or raw."
-        )
-    if requested is not None:
-        return requested, "--format"
-    if tokenizer.chat_template:
-        return "chat", "the tokenizer's chat template"
-    from hfpipe.rundir import stage_of
-    from hfpipe.stages import STAGES
-
-    stage = STAGES.get(stage_of(Path(model_dir).expanduser()) or "")
-    if stage is not None and stage.instruction_layout:
-        return "instruction", f"hfpipe {stage.name} run without a chat template"
-    return "raw", "no chat template"
-
-
-def context_length(model: PreTrainedModel) -> int | None:
-    """Positions the model was built with (max_position_embeddings / n_positions), None when it has no limit."""
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(model.config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def default_max_new_tokens(context: int | None) -> int:
-    """New tokens when none are asked for: half the context, at most DEFAULT_MAX_NEW_TOKENS."""
-    return DEFAULT_MAX_NEW_TOKENS if context is None else max(1, min(DEFAULT_MAX_NEW_TOKENS, context // 2))
-
-
-def check_prompt_fits(prompt_tokens: int, max_new_tokens: int, context: int | None, what: str = "the prompt") -> None:
-    """Raise a ConfigError with the counts when prompt + new tokens exceed the model's context."""
-    if context is not None and prompt_tokens + max_new_tokens > context:
-        raise ConfigError(
-            f"{what} is {prompt_tokens} tokens and --max-new-tokens is {max_new_tokens}, but the model's context "
-            f"holds {context} positions: shorten the prompt to at most {max(context - max_new_tokens, 0)} tokens or "
-            "lower --max-new-tokens."
-        )
-
-
-def generate_ids(
-    model: PreTrainedModel,
-    prompt_ids: Sequence[int],
-    generation_config: GenerationConfig,
-    streamer: Any = None,
-    seed: int | None = None,
-) -> list[int]:
-    """The new token ids `model.generate` writes after one prompt; seeded first when `seed` is given."""
-    import torch
-    from transformers import set_seed
-
-    if seed is not None:
-        set_seed(seed)
-    input_ids = torch.tensor([list(prompt_ids)], device=model.device)
-    output = model.generate(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        generation_config=generation_config,
-        streamer=streamer,
-    )
-    return output[0, input_ids.shape[1] :].tolist()
 
 
 def next_token_probabilities(model: PreTrainedModel, prompt_ids: Sequence[int], k: int) -> list[tuple[int, float]]:
@@ -333,25 +137,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--prompts-file", type=Path, help="one prompt per line, or JSONL with a 'prompt' field")
     source.add_argument("--format", choices=FORMATS, help="how prompts are rendered (default: see above)")
     source.add_argument("--system", help="a system message (chat and instruction formats)")
-    decoding = parser.add_argument_group("decoding")
-    decoding.add_argument("--max-new-tokens", type=int, help="default: half the context, at most 128")
+    decoding = add_decoding_flags(
+        parser, zero_temperature_greedy=False, seed_help="seed before each prompt, for reproducible sampling"
+    )
     decoding.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    decoding.add_argument("--temperature", type=float, help="> 0; turns sampling on")
-    decoding.add_argument("--top-k", type=int, help=">= 0 (0: no top-k filter); turns sampling on")
-    decoding.add_argument("--top-p", type=float, help="in (0, 1]; turns sampling on")
-    decoding.add_argument("--repetition-penalty", type=float, help="> 0; 1 means none")
     decoding.add_argument("--num-beams", type=int, help="beam search with N beams (greedy decoding only)")
-    decoding.add_argument("--seed", type=int, help="seed before each prompt, for reproducible sampling")
     modes = parser.add_argument_group("modes")
     modes.add_argument(
         "--compare", action="store_true", help=f"the prompts under {', '.join(COMPARE_STRATEGIES)}, side by side"
     )
     modes.add_argument("--base", metavar="OTHER_MODEL", help="also generate with OTHER_MODEL, side by side")
     modes.add_argument("--next-token", type=int, metavar="K", help="show the K most likely next tokens instead")
-    loading = parser.add_argument_group("loading")
-    loading.add_argument("--dtype", choices=DTYPES, help="default: the checkpoint's")
-    loading.add_argument("--device", help="e.g. cpu, cuda:0 (default: a GPU when present)")
-    loading.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model")
+    add_model_flags(parser)
 
 
 def check_args(args: argparse.Namespace) -> list[str]:

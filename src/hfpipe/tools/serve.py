@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from hfpipe.errors import ConfigError
 from hfpipe.rundir import model_or_latest_run
+from hfpipe.tools.decoding import check_sampling_values
+from hfpipe.tools.model_flags import add_model_flags
 
 # At module level (pydantic only, no torch): FastAPI resolves a route's (string) annotations in these globals.
 from hfpipe.tools.openai_schema import (
@@ -78,14 +80,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_NEW_TOKENS,
         help=f"new tokens when a request sets no max_tokens (default: {DEFAULT_MAX_NEW_TOKENS}, within the context)",
     )
+    add_model_flags(parser)
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Validate the flags before anything is loaded; the port must be free."""
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port}: must be between 1 and 65535.")
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be greater than 0.")
+    check_sampling_values(max_new_tokens=args.max_new_tokens)
     if args.model_id is not None and not args.model_id.strip():
         raise ConfigError("--model-id: must not be empty.")
     check_port_free(args.host, args.port)
@@ -280,7 +282,7 @@ def run(args: argparse.Namespace) -> None:
     name, picked = model_or_latest_run(args.model)
     if picked:
         print(f"# no model named: serving {picked}: {name}", flush=True)
-    loaded = load_for_inference(name)
+    loaded = load_for_inference(name, args.dtype, args.device, args.trust_remote_code)
     model_id = args.model_id or default_model_id(name)
     app = create_app(loaded, model_id, args.max_new_tokens)
     config = uvicorn.Config(

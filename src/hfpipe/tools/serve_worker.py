@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from hfpipe.models.trained import LoadedModel
-from hfpipe.tools.generate import build_generation_config, context_length, encode_prompt, render_chat_prompt
+from hfpipe.tools.decoding import build_generation_config
 from hfpipe.tools.openai_schema import (
     ChatCompletionRequest,
     ChatMessage,
@@ -30,6 +30,7 @@ from hfpipe.tools.openai_schema import (
     GenerationRequest,
     RequestError,
 )
+from hfpipe.tools.prompts import context_length, encode_prompt, render_chat_prompt
 
 SYSTEM_ROLES = ("system", "developer")  # OpenAI's newer clients send "developer" where older ones send "system"
 

@@ -1,6 +1,5 @@
-"""What the DPO recipe needs beyond the shared run tail and the parts it shares with SFT: its config sections
-and checks, the policy (a model dir, or an SFT adapter dir continued or merged), the choice of reference model,
-preference rows, and the held-out reward metrics."""
+"""The DPO stage: its config (sections, defaults, derived settings, checks), the policy (a model dir, or an SFT
+adapter dir continued or merged), the choice of reference model, preference rows, and the held-out reward metrics."""
 
 from __future__ import annotations
 
@@ -14,9 +13,10 @@ from peft import LoraConfig, PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl import DatasetMixtureConfig, DPOConfig, ModelConfig
 
-from hfpipe.config import ParsedConfig, parse
+from hfpipe.config import ParsedConfig
+from hfpipe.config import parse as parse_config
 from hfpipe.data.preference_rows import check_pair_lengths, prepare_preference_rows
-from hfpipe.data.sft_rows import Source
+from hfpipe.data.sources import Source
 from hfpipe.devices import device_defaults
 from hfpipe.errors import ConfigError
 from hfpipe.evaluation.evaluate import EvalArguments
@@ -24,43 +24,74 @@ from hfpipe.hub.publish import check_hub_settings
 from hfpipe.models.pretrained import looks_local
 from hfpipe.rundir import MERGED_SFT_DIR, adapter_base
 from hfpipe.sections import DPOArguments, RunArguments, TuningArguments
-from hfpipe.train.sft import SFT_DEFAULTS, finish_tuning_parse, load_model, lora_config, validate_tuning
-from hfpipe.train.sft import resolved_settings as tuning_settings
+from hfpipe.train.run_settings import RUN_DEFAULTS
+from hfpipe.train.tuning import (
+    check_tuning,
+    derive_tuning,
+    finish_tuning_parse,
+    load_model,
+    lora_config,
+    tuning_settings,
+)
 
-DPO_ARGUMENTS = (DPOConfig, ModelConfig, DPOArguments, DatasetMixtureConfig, RunArguments, EvalArguments)
+ARGUMENTS = (DPOConfig, ModelConfig, DPOArguments, DatasetMixtureConfig, RunArguments, EvalArguments)
 
-# The SFT run conventions (no gradient checkpointing, LoRA without dropout, an evaluation before training), with
-# DPO's usual shorter lengths and the alignment-handbook learning rates (full 5e-7, LoRA 5e-6).
-DPO_DEFAULTS: dict[str, Any] = {
-    **{key: value for key, value in SFT_DEFAULTS.items() if key not in ("max_length", "num_train_epochs")},
+# NOTE: hfpipe's DPO defaults, where they differ from DPOConfig's and ModelConfig's, on top of the shared run
+# conventions (RUN_DEFAULTS) and the device's precision (device_defaults). None: derived in `derive` below.
+DEFAULTS: dict[str, Any] = {
+    **RUN_DEFAULTS,
+    "gradient_checkpointing": None,  # TRL turns it on; activation_checkpointing (v5 name) decides
+    "activation_checkpointing": None,  # with LoRA only: see derive
+    "eval_on_start": True,  # held-out rewards before training, to compare with the end
     "max_length": 512,
     "num_train_epochs": 1.0,
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": None,  # the training batch: a pair is two sequences
     "lr_scheduler_type": "linear",
     "warmup_steps": 0.1,
-    "activation_checkpointing": None,  # see _validate
-    "per_device_eval_batch_size": None,  # the training batch: a pair is two sequences
+    "eval_steps": 50,
+    "lora_dropout": 0.0,  # dropout makes LoRA slower than full fine-tuning
+    "test_split_size": 0.1,
+    "learning_rate": None,  # LEARNING_RATES
+    "save_steps": None,  # the evaluation steps
 }
-DPO_LEARNING_RATES = (5e-7, 5e-6)  # full fine-tuning, LoRA
+LEARNING_RATES = (5e-7, 5e-6)  # full fine-tuning, LoRA (the alignment handbook's)
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
 
-def _validate(values: dict[str, Any], where: str) -> None:
-    validate_tuning(values, where, "dpo", DPO_LEARNING_RATES)
-    adapter_input = _is_adapter_dir(values["model_name_or_path"])
-    continuing = adapter_input and values["sft_adapter"] == "continue"
-    if continuing and values.get("use_peft"):
-        raise ConfigError(
-            f"{where}: use_peft adds a new adapter, but model_name_or_path is an adapter dir that sft_adapter: "
-            "continue keeps training. Remove use_peft, or set sft_adapter: merge to merge it and add a new one."
-        )
-    lora = bool(values.get("use_peft")) or continuing
+def _is_adapter_dir(name: str | None) -> bool:
+    return bool(name) and looks_local(name) and adapter_base(Path(name).expanduser()) is not None
+
+
+def _continues_adapter(values: dict[str, Any]) -> bool:
+    return _is_adapter_dir(values.get("model_name_or_path")) and values["sft_adapter"] == "continue"
+
+
+def _trains_adapter(values: dict[str, Any]) -> bool:
+    return bool(values.get("use_peft")) or _continues_adapter(values)
+
+
+def derive(values: dict[str, Any], where: str) -> None:
+    """The settings a DPO config leaves to hfpipe (see DEFAULTS)."""
+    derive_tuning(values, where, "dpo", LEARNING_RATES)
     if values["activation_checkpointing"] is None:
         # LoRA is the memory-light choice: without checkpointing, activations and vocabulary logits of chosen and
         # rejected sequences dominate its memory (measured on SmolLM2-135M: 4.1 GB peak, 2.7 GB with it). Full
         # fine-tuning of small models keeps the faster path.
-        values["activation_checkpointing"] = lora
+        values["activation_checkpointing"] = _trains_adapter(values)
     if values["per_device_eval_batch_size"] is None:
         values["per_device_eval_batch_size"] = values["per_device_train_batch_size"]
+
+
+def check(values: dict[str, Any], where: str) -> None:
+    """Refuse a DPO config that cannot run, before anything is loaded."""
+    check_tuning(values, where)
+    if _continues_adapter(values) and values.get("use_peft"):
+        raise ConfigError(
+            f"{where}: use_peft adds a new adapter, but model_name_or_path is an adapter dir that sft_adapter: "
+            "continue keeps training. Remove use_peft, or set sft_adapter: merge to merge it and add a new one."
+        )
+    lora = _trains_adapter(values)
     if values.get("merge_adapter") and not lora:
         raise ConfigError(f"{where}: merge_adapter needs an adapter (use_peft: true, or an SFT adapter to continue).")
     reference = values["reference"]
@@ -76,14 +107,10 @@ def _validate(values: dict[str, Any], where: str) -> None:
     check_hub_settings(values, where, trains_adapter=lora)
 
 
-def _is_adapter_dir(name: str) -> bool:
-    return looks_local(name) and adapter_base(Path(name).expanduser()) is not None
-
-
-def parse_dpo(argv: Sequence[str] | None = None) -> ParsedConfig:
+def parse(argv: Sequence[str] | None = None) -> ParsedConfig:
     """Parse and check a DPO config; derive output_dir, run_name and the learning rate. Loads nothing."""
-    defaults = {**DPO_DEFAULTS, "save_steps": None, "learning_rate": None, **device_defaults()}
-    return finish_tuning_parse(parse(DPO_ARGUMENTS, argv, defaults=defaults, validate=_validate))
+    defaults = {**DEFAULTS, **device_defaults()}
+    return finish_tuning_parse(parse_config(ARGUMENTS, argv, defaults=defaults, derive=derive, check=check))
 
 
 def resolved_settings(parsed: ParsedConfig) -> dict[str, Any]:
@@ -165,6 +192,15 @@ def load_policy(parsed: ParsedConfig, name: str, tokenizer: PreTrainedTokenizerB
         ref_model.eval().requires_grad_(False)
     training_args.precompute_ref_log_probs = choice == "precompute"
     return Policy(model, peft_config, ref_model, choice, why)
+
+
+def print_setup(training_args: DPOConfig, policy: Policy, table: str, template_choice: str, device: str) -> None:
+    """Print the data table and one line on the model, template, loss, reference and device."""
+    print(table)
+    print(
+        f"{policy.model.num_parameters():,} parameters | chat template: {template_choice} | beta {training_args.beta} "
+        f"| loss {','.join(training_args.loss_type)} | reference: {policy.reference} ({policy.why}) | {device}"
+    )
 
 
 def _rows_seen(training_args: DPOConfig, train_rows: int) -> float:

@@ -1,5 +1,5 @@
-"""What the pretrain recipe needs beyond the shared run tail: its config sections, checks, tokenizer,
-data and model."""
+"""The pretrain stage: its config (sections, defaults, derived settings, checks), and its tokenizer (loaded or
+trained on the corpus), packed blocks and model (a from-scratch GPT-2 or a pretrained one to continue)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ from datasets import DatasetDict
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 from trl import ModelConfig
 
-from hfpipe.config import ParsedConfig, parse
-from hfpipe.data.files import (
+from hfpipe.config import ParsedConfig
+from hfpipe.config import parse as parse_config
+from hfpipe.data.files import cache_root, resolve_files
+from hfpipe.data.text_blocks import (
     build_blocks,
-    cache_root,
     cap_validation,
     data_fingerprint,
     fingerprint_of,
     iter_texts,
-    resolve_files,
     tokenizer_fingerprint,
 )
 from hfpipe.data.tokenizers import MIN_BPE_VOCAB, train_bpe, train_char
@@ -30,9 +30,9 @@ from hfpipe.hub.publish import check_hub_settings
 from hfpipe.models.gpt2 import SHAPE_KEYS, build_gpt2, check_shape, resolve_shape
 from hfpipe.models.pretrained import check_model_path, load_causal_lm, load_tokenizer_from
 from hfpipe.sections import DataArguments, GPT2ShapeArguments, RemoteCodeArguments, RunArguments, TokenizerArguments
-from hfpipe.train.run import RUN_DEFAULTS, derive_run_settings
+from hfpipe.train.run_settings import RUN_DEFAULTS, check_output_dir, derive_run_settings
 
-PRETRAIN_ARGUMENTS = (
+ARGUMENTS = (
     TrainingArguments,
     ModelConfig,
     DataArguments,
@@ -43,8 +43,9 @@ PRETRAIN_ARGUMENTS = (
     EvalArguments,
 )
 
-# Pretraining defaults on top of the shared run conventions: GPT-style optimizer settings and schedule.
-PRETRAIN_DEFAULTS: dict[str, Any] = {
+# NOTE: hfpipe's pretraining defaults, where they differ from TrainingArguments', on top of the shared run conventions
+# (RUN_DEFAULTS) and the device's precision (device_defaults): GPT-style optimizer settings and schedule.
+DEFAULTS: dict[str, Any] = {
     **RUN_DEFAULTS,
     "learning_rate": 6e-4,
     "lr_scheduler_type": "cosine",
@@ -55,6 +56,7 @@ PRETRAIN_DEFAULTS: dict[str, Any] = {
     "per_device_eval_batch_size": 16,
     "num_train_epochs": 1.0,
     "eval_steps": 200,
+    "save_steps": None,  # the evaluation steps
 }
 UNSUPPORTED_MODEL_KEYS = ("use_peft", "load_in_4bit", "load_in_8bit")
 
@@ -72,8 +74,14 @@ def default_run_name(values: dict[str, Any]) -> str:
     return f"pretrain-{base}-ctx{values['block_size']}"
 
 
-def _validate(values: dict[str, Any], where: str) -> None:
+def derive(values: dict[str, Any], where: str) -> None:
+    """The settings a pretrain config leaves to hfpipe: the device's, run_name, output_dir, save_steps."""
     resolve_device_settings(values, where)
+    derive_run_settings(values, default_run_name(values))
+
+
+def check(values: dict[str, Any], where: str) -> None:
+    """Refuse a pretrain config that cannot run, before anything is loaded."""
     check_config_evaluations(values, where)
     for key in UNSUPPORTED_MODEL_KEYS:
         if values.get(key):
@@ -86,13 +94,13 @@ def _validate(values: dict[str, Any], where: str) -> None:
         raise ConfigError(f"{where}: max_eval_samples: must be greater than 0.")
     if values["sample_max_new_tokens"] <= 0:
         raise ConfigError(f"{where}: sample_max_new_tokens: must be greater than 0.")
-    _validate_model(values, where)
-    _validate_data(values, where)
-    derive_run_settings(values, default_run_name(values), where)
+    _check_model(values, where)
+    _check_data(values, where)
+    check_output_dir(values, where)
     check_hub_settings(values, where, trains_adapter=False)
 
 
-def _validate_model(values: dict[str, Any], where: str) -> None:
+def _check_model(values: dict[str, Any], where: str) -> None:
     if values.get("tokenizer_name_or_path"):
         check_model_path(values["tokenizer_name_or_path"], "tokenizer_name_or_path", where)
     if values.get("model_name_or_path"):
@@ -111,7 +119,7 @@ def _validate_model(values: dict[str, Any], where: str) -> None:
         raise ConfigError(f"{where}: vocab_size: {values['vocab_size']} must be at least {MIN_BPE_VOCAB} for BPE.")
 
 
-def _validate_data(values: dict[str, Any], where: str) -> None:
+def _check_data(values: dict[str, Any], where: str) -> None:
     if not values.get("train_files") and not values.get("dataset_name"):
         raise ConfigError(f"{where}: no training data: set train_files (local files or globs) or dataset_name.")
     if values.get("train_files") and values.get("dataset_name"):
@@ -121,10 +129,9 @@ def _validate_data(values: dict[str, Any], where: str) -> None:
             resolve_files(values[key], key, where)
 
 
-def parse_pretrain(argv: Sequence[str] | None = None) -> ParsedConfig:
+def parse(argv: Sequence[str] | None = None) -> ParsedConfig:
     """Parse and check a pretrain config; derive output_dir and run_name. Loads and writes nothing."""
-    defaults = {**PRETRAIN_DEFAULTS, "save_steps": None, **device_defaults()}
-    return parse(PRETRAIN_ARGUMENTS, argv, defaults=defaults, validate=_validate)
+    return parse_config(ARGUMENTS, argv, defaults={**DEFAULTS, **device_defaults()}, derive=derive, check=check)
 
 
 def resolved_settings(parsed: ParsedConfig) -> dict[str, Any]:

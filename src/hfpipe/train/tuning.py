@@ -1,0 +1,161 @@
+"""What the SFT and DPO stages (and every stage that fine-tunes a pretrained model on rows) share: the settings
+derived and checked alike, the run name, the tokenizer with its chat template, the model sized for it, LoRA, and
+sample prompts. Each reads only keys all those configs have."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
+from trl import ModelConfig, get_peft_config
+
+from hfpipe.config import ParsedConfig
+from hfpipe.data.chat_templates import apply_chat_template_choice, check_template_name, fit_model_to_tokenizer
+from hfpipe.data.files import cache_root, resolve_files
+from hfpipe.devices import resolve_device_settings
+from hfpipe.errors import ConfigError
+from hfpipe.evaluation.evaluate import check_config_evaluations
+from hfpipe.models.pretrained import check_model_path, load_causal_lm, load_tokenizer_from
+from hfpipe.sections import TuningArguments
+from hfpipe.train.run_settings import check_output_dir, derive_run_settings
+
+
+def derive_tuning(values: dict[str, Any], where: str, stage: str, learning_rates: tuple[float, float]) -> None:
+    """Settings derived alike for every fine-tuning stage: the device's, the learning rate when not set
+    (`learning_rates`: full fine-tuning, LoRA), run_name (e.g. sft-pretrain-lora-r16), output_dir, save_steps."""
+    resolve_device_settings(values, where)
+    if values.get("learning_rate") is None:
+        values["learning_rate"] = learning_rates[1] if values.get("use_peft") else learning_rates[0]
+    derive_run_settings(values, default_run_name(values, stage))
+
+
+def check_tuning(values: dict[str, Any], where: str) -> None:
+    """Checks shared by every fine-tuning stage's config, before anything is loaded: the model, QLoRA, the chat
+    template, the row sources, the held-out split, the eval_* files and the output dir."""
+    if not values.get("model_name_or_path"):
+        raise ConfigError(f"{where}: model_name_or_path is required: a model dir (e.g. a pretrain output) or Hub id.")
+    name = values["model_name_or_path"]
+    if name.lower().endswith(".gguf"):
+        if not Path(name).expanduser().is_file():
+            raise ConfigError(f"{where}: model_name_or_path: '{name}': no such .gguf file.")
+    elif name not in _shipped_models():
+        check_model_path(name, "model_name_or_path", where)
+    if (values.get("load_in_4bit") or values.get("load_in_8bit")) and not torch.cuda.is_available():
+        raise ConfigError(
+            f"{where}: load_in_4bit / load_in_8bit (QLoRA) need a CUDA GPU for bitsandbytes and none was found. "
+            "Use use_peft: true alone (LoRA) on this machine."
+        )
+    check_template_name(values.get("chat_template"), where)
+    sources = [values.get("train_files"), values.get("dataset_name"), values.get("datasets")]
+    if sum(bool(source) for source in sources) != 1:
+        raise ConfigError(f"{where}: set exactly one of train_files, dataset_name or datasets (a mixture).")
+    for key in ("train_files", "validation_files"):
+        if values.get(key):
+            resolve_files(values[key], key, where)
+    if not 0.0 < values["test_split_size"] < 1.0:
+        raise ConfigError(f"{where}: test_split_size: must be between 0 and 1 (exclusive).")
+    check_config_evaluations(values, where)
+    check_config_evaluations(values, where)
+    check_output_dir(values, where)
+
+
+def _shipped_models() -> tuple[str, ...]:
+    from hfpipe.models.gguf import PACKAGED_MODELS
+
+    return tuple(PACKAGED_MODELS)
+
+
+def default_run_name(values: dict[str, Any], stage: str) -> str:
+    """Name a run after its stage, model and method, e.g. sft-pretrain-lora-r16."""
+    base = Path(str(values.get("model_name_or_path")).rstrip("/")).name.removesuffix(".gguf")
+    method = f"lora-r{values['lora_r']}" if values.get("use_peft") else "full"
+    return f"{stage}-{base}-{method}"
+
+
+def finish_tuning_parse(parsed: ParsedConfig) -> ParsedConfig:
+    """Fix-ups after parsing an SFT or DPO config that cannot be expressed as defaults."""
+    model_args, training_args = parsed.get(ModelConfig), parsed.get(TrainingArguments)
+    if "include_num_input_tokens_seen" not in parsed.user_keys:
+        # Real (non-padding) tokens for tokens/s; set here because argparse would read the default as a bool.
+        training_args.include_num_input_tokens_seen = "non_padding"
+    # TRL turns a one-item list into a bare string, which PEFT reads as a full-match regex that matches nothing.
+    if isinstance(model_args.lora_target_modules, str) and model_args.lora_target_modules != "all-linear":
+        model_args.lora_target_modules = [model_args.lora_target_modules]
+    return parsed
+
+
+def tuning_settings(parsed: ParsedConfig) -> dict[str, Any]:
+    """What the user wrote plus what hfpipe derived (an SFT or DPO config)."""
+    training_args = parsed.get(TrainingArguments)
+    attention = parsed.get(ModelConfig).attn_implementation
+    return {
+        **parsed.user_keys,
+        "output_dir": training_args.output_dir,
+        "run_name": training_args.run_name,
+        "bf16": training_args.bf16,
+        "learning_rate": training_args.learning_rate,
+        **({"attn_implementation": attention} if attention else {}),
+    }
+
+
+def load_tokenizer(parsed: ParsedConfig) -> tuple[PreTrainedTokenizerBase, str, str]:
+    """Load the tokenizer with the chat template choice applied; return it, the choice and the model path
+    (a .gguf file or package-shipped model is converted once to a model dir)."""
+    from hfpipe.models.gguf import resolve_model_path
+
+    model_args, training_args = parsed.get(ModelConfig), parsed.get(TrainingArguments)
+    name = resolve_model_path(model_args.model_name_or_path, cache_root())
+    tokenizer = load_tokenizer_from(
+        name, "model_name_or_path", model_args.model_revision, training_args.trust_remote_code
+    )
+    choice = apply_chat_template_choice(parsed.get(TuningArguments).chat_template, tokenizer)
+    return tokenizer, choice, name
+
+
+def load_model(parsed: ParsedConfig, name: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """Load the model to fine-tune, sized and configured for `tokenizer` (added tokens, EOS, pad)."""
+    model_args, training_args = parsed.get(ModelConfig), parsed.get(TrainingArguments)
+    model = load_causal_lm(
+        name,
+        model_args.model_revision,
+        model_args.dtype,
+        model_args.attn_implementation or "sdpa",
+        training_args.trust_remote_code,
+    )
+    fit_model_to_tokenizer(model, tokenizer)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and training_args.max_length and training_args.max_length > positions:
+        raise ConfigError(
+            f"max_length={training_args.max_length} exceeds the {positions} positions of "
+            f"'{model_args.model_name_or_path}'; set max_length: {positions} or less."
+        )
+    return model
+
+
+def lora_config(parsed: ParsedConfig, model: PreTrainedModel) -> LoraConfig | None:
+    """TRL's LoRA config from the ModelConfig keys, adjusted for GPT-2's Conv1D layers."""
+    peft_config = get_peft_config(parsed.get(ModelConfig))
+    if peft_config is not None and model.config.model_type == "gpt2":
+        peft_config.fan_in_fan_out = True  # GPT-2 stores Conv1D weights transposed
+    return peft_config
+
+
+def sample_prompts(validation: Dataset, tokenizer: PreTrainedTokenizerBase, count: int = 2) -> list[str]:
+    """Prompts of the first held-out rows, rendered as the model sees them at generation time."""
+    prompts = []
+    for row in validation.select(range(min(count, len(validation)))):
+        if row.get("messages") is not None:
+            prompts.append(
+                tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, tokenize=False)
+            )
+        elif isinstance(row.get("prompt"), list):
+            prompts.append(tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False))
+        elif row.get("prompt") is not None:
+            prompts.append(row["prompt"])
+        else:
+            prompts.append(row["text"][:40])
+    return prompts
