@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from hfpipe.errors import ConfigError
 from hfpipe.rundir import model_or_latest_run
 from hfpipe.tools.decoding import build_generation_config, check_sampling_values, default_max_new_tokens, generate_ids
-from hfpipe.tools.model_flags import add_decoding_flags, add_model_flags
+from hfpipe.tools.model_flags import add_decoding_flags, add_model_argument, add_model_flags
 from hfpipe.tools.prompts import context_length, encode_prompt, render_chat_prompt
 
 if TYPE_CHECKING:
@@ -324,12 +324,7 @@ def chat_loop(session: ChatSession, read: Callable[[str], str] = input) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `hfpipe chat`."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument(
-        "model",
-        nargs="?",
-        help="a run's output dir, an adapter dir, a .gguf file or a Hub id "
-        "(default: the newest finished run under outputs/)",
-    )
+    add_model_argument(parser, optional=True)
     parser.add_argument("--system", help="a system message that starts the conversation")
     add_decoding_flags(
         parser,

@@ -39,7 +39,7 @@ from hfpipe.tools.decoding import (
     describe_decoding,
     generate_ids,
 )
-from hfpipe.tools.model_flags import add_decoding_flags, add_model_flags
+from hfpipe.tools.model_flags import add_decoding_flags, add_model_argument, add_model_flags
 from hfpipe.tools.prompts import FORMATS, check_prompt_fits, context_length, encode_prompt, pick_format, render_prompt
 
 if TYPE_CHECKING:
@@ -131,7 +131,7 @@ class Prepared:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `hfpipe generate`."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("model", help="a run's output dir, an adapter dir, a .gguf file or a Hub id")
+    add_model_argument(parser, optional=False)
     source = parser.add_argument_group("prompts")
     source.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     source.add_argument("--prompts-file", type=Path, help="one prompt per line, or JSONL with a 'prompt' field")

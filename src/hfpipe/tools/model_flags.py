@@ -10,6 +10,17 @@ from hfpipe.tools.decoding import DEFAULT_MAX_NEW_TOKENS
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
+MODEL_HELP = "a run's output dir, an adapter dir, a .gguf file or packaged model name, or a Hub id"
+
+
+def add_model_argument(parser: argparse.ArgumentParser, optional: bool) -> None:
+    """Add the positional MODEL; `optional`: without it, the tool uses the newest finished run under outputs/."""
+    if optional:
+        parser.add_argument("model", nargs="?", help=f"{MODEL_HELP} (default: the newest finished run under outputs/)")
+    else:
+        parser.add_argument("model", help=MODEL_HELP)
+
+
 def add_model_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """Add the 'loading' group, the arguments of `load_for_inference`: --dtype, --device, --trust-remote-code."""
     loading = parser.add_argument_group("loading")

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from hfpipe.errors import ConfigError
 from hfpipe.rundir import model_or_latest_run
 from hfpipe.tools.decoding import check_sampling_values
-from hfpipe.tools.model_flags import add_model_flags
+from hfpipe.tools.model_flags import add_model_argument, add_model_flags
 
 # At module level (pydantic only, no torch): FastAPI resolves a route's (string) annotations in these globals.
 from hfpipe.tools.openai_schema import (
@@ -65,12 +65,7 @@ logger = logging.getLogger("uvicorn.error")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `hfpipe serve`."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument(
-        "model",
-        nargs="?",
-        help="a run's output dir, an adapter dir, a .gguf file or packaged model name, or a Hub id "
-        "(default: the newest finished run under outputs/)",
-    )
+    add_model_argument(parser, optional=True)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     parser.add_argument("--model-id", help="the model id clients send and /v1/models lists (default: the dir's name)")
