@@ -392,3 +392,58 @@ def test_lm_eval_offline_without_task_data_is_one_line(
 def test_unknown_lm_eval_task_is_named(fake_lm_eval: dict) -> None:
     with pytest.raises(ConfigError, match="lm-eval has no task 'helaswag'. Did you mean 'hellaswag'"):
         check_eval_args(EvalArguments(eval_lm_tasks=["helaswag"]), "command line")
+
+
+def test_a_task_added_to_the_task_list_is_a_flag_a_config_key_a_pipeline_key_and_a_result(
+    tiny_gpt2_dir: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hfpipe.config import parse
+    from hfpipe.evaluation import evaluate, tasks
+    from hfpipe.evaluation.inputs import FileReader, read_jsonl
+    from hfpipe.tools.pipeline import read_pipeline
+
+    count = tasks.EvalTask(
+        name="count",
+        setting="eval_count_files",
+        flag="--count",
+        key="count",
+        help="Count the rows of these .jsonl files.",
+        read=FileReader((".jsonl",), read_jsonl),
+        score=lambda model, tokenizer, rows, settings: [tasks.Score({"lines": float(len(rows))}, len(rows), "rows")],
+    )
+    monkeypatch.setattr(tasks, "EVAL_TASKS", (*tasks.EVAL_TASKS, count))
+    monkeypatch.setattr(evaluate, "EvalArguments", evaluate.eval_arguments_class(tasks.EVAL_TASKS))
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"a": 1}, {"a": 2}, {"a": 3}])
+    text = tmp_path / "doc.txt"
+    text.write_text(PROSE, encoding="utf-8")
+
+    code, out, _ = run_cli(["--help"], capsys)
+    assert code == 0 and "--count FILE [FILE ...]" in out and "Count the rows of these .jsonl files." in out
+    code, _, err = run_cli(["some/model"], capsys)
+    assert "give --text, --choices, --preferences, --lm-eval or --count." in err
+    code, _, err = run_cli(["some/model", "--count", str(tmp_path / "rows.txt")], capsys)
+    assert "--count: no file matches" in err
+    output = tmp_path / "results.json"
+    code, out, err = run_cli(
+        [str(tiny_gpt2_dir), "--count", str(rows), "--text", str(text), "--output", str(output)], capsys
+    )
+    assert code == 0, err
+    results = json.loads(output.read_text())
+    assert [task["task"] for task in results["tasks"]] == ["text", "count"]
+    assert results["metrics"]["count_lines"] == 3.0 and results["metrics"]["count_rows"] == 3
+    assert results["settings"]["eval_count_files"] == [str(rows)]
+
+    config = tmp_path / "eval.yaml"
+    config.write_text(f"eval_count_files: [{rows}]\neval_tasks_batch_size: 2\n", encoding="utf-8")
+    parsed = parse([evaluate.EvalArguments], ["--config", str(config)], check=evaluate.check_config_evaluations)
+    assert parsed.get(evaluate.EvalArguments).eval_count_files == [str(rows)]
+    config.write_text("eval_count_files: [nowhere.jsonl]\n", encoding="utf-8")
+    with pytest.raises(DataError, match="eval.yaml: eval_count_files: no file matches 'nowhere.jsonl'"):
+        parse([evaluate.EvalArguments], ["--config", str(config)], check=evaluate.check_config_evaluations)
+
+    sft = tmp_path / "sft.yaml"
+    sft.write_text("# accelerate launch recipes/sft.py --config sft.yaml\n", encoding="utf-8")
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(f"stages:\n  - {{name: sft, config: {sft}}}\n  - {{name: eval, eval: {{count: [{rows}]}}}}\n")
+    stages, _, _ = read_pipeline(path)
+    assert stages[1].eval_flags == ["--count", str(rows)]

@@ -106,3 +106,18 @@ def test_a_bad_pipeline_file_is_one_line_before_any_stage_runs(pipeline: Path) -
     pipeline.write_text(text)
     result = run_pipeline(str(pipeline), "--from", "sfx")
     assert result.returncode == 2 and "--from: no stage named 'sfx'. Did you mean 'sft'?" in result.stderr
+
+
+def test_an_eval_stage_with_several_files_evaluates_every_one(tmp_path: Path) -> None:
+    import argparse
+
+    from hfpipe.evaluation import evaluate
+    from hfpipe.tools.pipeline import _eval_flags
+
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    flags = _eval_flags({"text": [str(first), str(second)], "lm_eval": ["hellaswag", "arc_easy"]}, "here")
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    args = parser.parse_args(["model", *flags])
+    assert args.eval_text_files == [str(first), str(second)]
+    assert args.eval_lm_tasks == ["hellaswag", "arc_easy"]

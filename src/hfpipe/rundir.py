@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import shutil
@@ -32,7 +33,7 @@ PLOTS = (LOSS_PLOT, REWARD_PLOT)
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 HUB_RECORD = "hub_push.json"
-EVAL_RESULTS = "eval_results.json"  # a pipeline's eval stage; `hfpipe eval` adds a timestamp
+EVAL_RESULTS = "eval_results.json"  # a pipeline's eval stage; `hfpipe eval` adds a timestamp (eval_results_name)
 MERGED_DIR = "merged"
 MERGED_SFT_DIR = "sft-merged"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -41,6 +42,12 @@ GENERATION_CONFIG = "generation_config.json"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 INCOMPLETE_MARKER = "checkpoint-is-incomplete.txt"  # the Trainer's own, while a checkpoint is written
 TRAINER_STATE = "trainer_state.json"
+
+
+def eval_results_name(now: datetime.datetime) -> str:
+    """The file name `hfpipe eval` writes its results to when run at `now`: eval_results-YYYYmmdd-HHMMSS.json."""
+    stem, suffix = EVAL_RESULTS.rsplit(".", 1)
+    return f"{stem}-{now:%Y%m%d-%H%M%S}.{suffix}"
 
 
 def is_finished(run_dir: Path) -> bool:

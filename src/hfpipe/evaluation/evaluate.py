@@ -10,160 +10,80 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
-import importlib.util
 import json
-import os
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from hfpipe.errors import ConfigError, DataError, did_you_mean
-from hfpipe.evaluation import scoring
-from hfpipe.evaluation.scoring import (
-    CHOICE_EXAMPLE,
-    PREFERENCE_EXAMPLE,
-    ChoiceRow,
-    PreferenceRow,
-    choice_row,
-    preference_row,
+from hfpipe.errors import ConfigError
+from hfpipe.evaluation import tasks
+from hfpipe.evaluation.inputs import read_jsonl as read_jsonl
+from hfpipe.evaluation.tasks import EvalTask, ScoreSettings, TaskResult
+from hfpipe.evaluation.tasks import lm_eval_results as lm_eval_results
+from hfpipe.rundir import eval_results_name, model_or_latest_run
+from hfpipe.tools.model_flags import add_model_argument
+
+
+class Setting(NamedTuple):
+    """A setting every task shares: its EvalArguments field, `hfpipe eval` flag, type, default and help."""
+
+    name: str
+    flag: str
+    type: Any
+    default: int | None
+    help: str
+
+
+SHARED_SETTINGS = (
+    Setting("eval_tasks_batch_size", "--batch-size", int, 8, "Sequences per forward pass when evaluating."),
+    Setting(
+        "eval_max_length",
+        "--max-length",
+        int | None,
+        None,
+        "Tokens per window or scored sequence. Default: the model's context length.",
+    ),
+    Setting(
+        "eval_stride",
+        "--stride",
+        int | None,
+        None,
+        "Perplexity with a sliding window this many tokens apart. Default: non-overlapping windows.",
+    ),
 )
-from hfpipe.rundir import model_or_latest_run
-
-TEXT_SUFFIXES = (".txt", ".jsonl")
-LM_EVAL_INSTALL = "pip install lm-eval"
-# How the command line names the EvalArguments fields in its messages.
-FLAGS = {
-    "eval_text_files": "--text",
-    "eval_choice_files": "--choices",
-    "eval_preference_files": "--preferences",
-    "eval_lm_tasks": "--lm-eval",
-    "eval_tasks_batch_size": "--batch-size",
-    "eval_max_length": "--max-length",
-    "eval_stride": "--stride",
-}
 
 
-@dataclass
-class EvalArguments:
-    """What to evaluate a model on, after training or with `hfpipe eval`."""
-
-    eval_text_files: list[str] | None = field(
-        default=None,
-        metadata={"help": "Perplexity on these .txt (one document per file) or .jsonl ('text' field) files or globs."},
-    )
-    eval_choice_files: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Multiple-choice accuracy on these HellaSwag-format .jsonl files: rows "
-            f"{CHOICE_EXAMPLE} (or HellaSwag's ctx/endings/label)."
-        },
-    )
-    eval_preference_files: list[str] | None = field(
-        default=None,
-        metadata={"help": f"Preference accuracy on these .jsonl files: rows {PREFERENCE_EXAMPLE} (or message lists)."},
-    )
-    eval_lm_tasks: list[str] | None = field(
-        default=None, metadata={"help": "lm-eval-harness task names (needs `pip install lm-eval` and its task data)."}
-    )
-    eval_tasks_batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass when evaluating."})
-    eval_max_length: int | None = field(
-        default=None, metadata={"help": "Tokens per window or scored sequence. Default: the model's context length."}
-    )
-    eval_stride: int | None = field(
-        default=None,
-        metadata={"help": "Perplexity with a sliding window this many tokens apart. Default: non-overlapping windows."},
-    )
+def eval_arguments_class(task_list: Sequence[EvalTask]) -> type:
+    """The EvalArguments dataclass: a list field per task (the eval_* keys of recipe configs), then the shared
+    settings."""
+    specs = [
+        (task.setting, list[str] | None, dataclasses.field(default=None, metadata={"help": task.help}))
+        for task in task_list
+    ]
+    specs += [
+        (setting.name, setting.type, dataclasses.field(default=setting.default, metadata={"help": setting.help}))
+        for setting in SHARED_SETTINGS
+    ]
+    doc = "What to evaluate a model on, after training or with `hfpipe eval`."
+    return dataclasses.make_dataclass("EvalArguments", specs, namespace={"__module__": __name__, "__doc__": doc})
 
 
-@dataclass
-class TaskResult:
-    """The metrics of one evaluation task and how many rows, tokens or samples they cover."""
+EvalArguments = eval_arguments_class(tasks.EVAL_TASKS)
 
-    task: str
-    metrics: dict[str, float]
-    n: int
-    unit: str
+# Task name -> its checked rows, for the tasks asked for.
+EvalInputs = dict[str, list[Any]]
 
 
-def resolve_inputs(patterns: list[str], key: str, where: str, suffixes: tuple[str, ...]) -> list[str]:
-    """Expand paths and globs; each must match at least one file, and every file must end with one of `suffixes`."""
-    files = []
-    for pattern in patterns:
-        matches = sorted(
-            path for path in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(path)
-        )
-        if not matches:
-            raise DataError(f"{where}: {key}: no file matches '{pattern}'. Check the path (relative to {os.getcwd()}).")
-        files.extend(matches)
-    for file in files:
-        if not file.lower().endswith(suffixes):
-            raise DataError(f"{where}: {key}: {file}: expected a {' or '.join(suffixes)} file.")
-    return files
+def command_line_flags() -> dict[str, str]:
+    """How the command line names the EvalArguments fields in its messages."""
+    return {task.setting: task.flag for task in tasks.EVAL_TASKS} | {s.name: s.flag for s in SHARED_SETTINGS}
 
 
-def read_jsonl(path: str) -> list[tuple[int, dict[str, Any]]]:
-    """The non-blank lines of a JSONL file as (line number, object); a bad line is a one-line DataError."""
-    rows = []
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DataError(f"{path}: line {number} is not UTF-8. Re-save the file as UTF-8.") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as error:
-                raise DataError(f"{path}: line {number} is not valid JSON ({error.msg}). Fix or remove it.") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: line {number} is not a JSON object. Write one {{...}} object per line.")
-            rows.append((number, row))
-    if not rows:
-        raise DataError(f"{path}: the file has no rows. Remove it from the list or add rows.")
-    return rows
-
-
-def read_texts(path: str) -> list[str]:
-    """The documents of a .txt file (the whole file) or of a .jsonl file (each row's 'text')."""
-    if path.lower().endswith(".txt"):
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except UnicodeDecodeError as error:
-            raise DataError(f"{path}: not UTF-8 (byte {error.start}). Re-save the file as UTF-8.") from None
-        if not text.strip():
-            raise DataError(f"{path}: the file is empty. Remove it from the list or add text to it.")
-        return [text]
-    texts = []
-    for number, row in read_jsonl(path):
-        if not isinstance(row.get("text"), str) or not row["text"].strip():
-            raise DataError(f"{path}: line {number}: 'text' is missing or empty. Give each row a non-empty 'text'.")
-        texts.append(row["text"])
-    return texts
-
-
-def read_rows(path: str, parse: Any) -> list[Any]:
-    """Parse every row of a JSONL file with `parse` (a row or a problem); the first problem is a DataError."""
-    rows = []
-    for number, raw in read_jsonl(path):
-        row = parse(raw)
-        if isinstance(row, str):
-            raise DataError(f"{path}: line {number}: {row}. Fix the row.")
-        row.origin = f"{path}: line {number}"
-        rows.append(row)
-    return rows
-
-
-@dataclass
-class EvalInputs:
-    """The checked contents of every input file."""
-
-    texts: list[str] = field(default_factory=list)
-    choices: list[ChoiceRow] = field(default_factory=list)
-    preferences: list[PreferenceRow] = field(default_factory=list)
+def asked_for(args: EvalArguments) -> list[EvalTask]:
+    """The tasks `args` gives inputs for, in the order of the task list."""
+    return [task for task in tasks.EVAL_TASKS if getattr(args, task.setting)]
 
 
 def _label(labels: Mapping[str, str] | None, key: str) -> str:
@@ -179,19 +99,10 @@ def load_inputs(args: EvalArguments, where: str, labels: Mapping[str, str] | Non
         raise ConfigError(f"{where}: {_label(labels, 'eval_max_length')}: must be at least 2 tokens.")
     if args.eval_stride is not None:
         check_stride(args.eval_stride, args.eval_max_length, f"{where}: {_label(labels, 'eval_stride')}")
-    inputs = EvalInputs()
-    key = "eval_text_files"
-    for path in resolve_inputs(args.eval_text_files or [], _label(labels, key), where, TEXT_SUFFIXES):
-        inputs.texts.extend(read_texts(path))
-    key = "eval_choice_files"
-    for path in resolve_inputs(args.eval_choice_files or [], _label(labels, key), where, (".jsonl",)):
-        inputs.choices.extend(read_rows(path, choice_row))
-    key = "eval_preference_files"
-    for path in resolve_inputs(args.eval_preference_files or [], _label(labels, key), where, (".jsonl",)):
-        inputs.preferences.extend(read_rows(path, preference_row))
-    if args.eval_lm_tasks:
-        check_lm_eval(args.eval_lm_tasks, where, _label(labels, "eval_lm_tasks"))
-    return inputs
+    return {
+        task.name: task.read(getattr(args, task.setting), where, _label(labels, task.setting))
+        for task in asked_for(args)
+    }
 
 
 def check_stride(stride: int, length: int | None, key: str) -> None:
@@ -205,28 +116,9 @@ def check_eval_args(args: EvalArguments, where: str, labels: Mapping[str, str] |
     load_inputs(args, where, labels)
 
 
-def check_lm_eval(tasks: list[str], where: str, key: str) -> None:
-    """lm-eval must be importable and know each task."""
-    try:
-        found = importlib.util.find_spec("lm_eval") is not None
-    except ValueError:  # a module in sys.modules without a spec
-        found = False
-    if not found:
-        raise ConfigError(
-            f"{where}: {key}: the lm-eval package (EleutherAI's LM Evaluation Harness) is not installed. Install it "
-            f"with `{LM_EVAL_INSTALL}`; its tasks download their data from the Hugging Face Hub on first use."
-        )
-    from lm_eval.tasks import TaskManager
-
-    known = TaskManager().all_tasks
-    for task in tasks:
-        if task not in known:
-            raise ConfigError(f"{where}: {key}: lm-eval has no task '{task}'.{did_you_mean(task, known)}")
-
-
 def window_length(model: Any, max_length: int | None, key: str) -> int:
     """The tokens per scored sequence: `max_length`, or the model's context when not set."""
-    from hfpipe.tools.generate import context_length
+    from hfpipe.tools.prompts import context_length
 
     context = context_length(model)
     if max_length is None:
@@ -238,11 +130,6 @@ def window_length(model: Any, max_length: int | None, key: str) -> int:
     return max_length
 
 
-def _note_cut(cut: int, total: int, what: str, length: int) -> None:
-    if cut:
-        print(f"note: {cut} of {total} {what} exceed {length} tokens and were cut on the left to fit.")
-
-
 def evaluate_all(
     model: Any,
     tokenizer: Any,
@@ -251,34 +138,21 @@ def evaluate_all(
     labels: Mapping[str, str] | None = None,
 ) -> list[TaskResult]:
     """Run every evaluation `args` asks for on a loaded model; `inputs` are the files as `load_inputs` read them."""
-    inputs = inputs or load_inputs(args, "eval", labels)
+    inputs = load_inputs(args, "eval", labels) if inputs is None else inputs
     length = window_length(model, args.eval_max_length, _label(labels, "eval_max_length"))
     stride = args.eval_stride or length
     check_stride(stride, length, _label(labels, "eval_stride"))
-    for row in inputs.preferences:
-        fields = row.fields
-        if not tokenizer.chat_template and (row.row_format == "implicit_prompt" or isinstance(fields["chosen"], list)):
-            raise DataError(f"{row.origin}: message lists need a chat template and the tokenizer has none.")
-    batch, results = args.eval_tasks_batch_size, []
+    wanted = [(task, inputs[task.name]) for task in tasks.EVAL_TASKS if inputs.get(task.name)]
+    for task, rows in wanted:
+        if task.check_tokenizer is not None:
+            task.check_tokenizer(tokenizer, rows)
+    results = []
     was_training = model.training
     model.eval()
     try:
-        if inputs.texts:
-            metrics, tokens = scoring.text_perplexity(model, tokenizer, inputs.texts, batch, length, stride)
-            results.append(TaskResult("text", metrics, tokens, "tokens"))
-        if inputs.choices:
-            logprobs, cut = scoring.choice_logprobs(model, tokenizer, inputs.choices, batch, length)
-            _note_cut(cut, sum(len(row.endings) for row in inputs.choices), "context + ending pairs", length)
-            metrics = scoring.choice_metrics(inputs.choices, logprobs)
-            results.append(TaskResult("mc", metrics, len(inputs.choices), "rows"))
-        if inputs.preferences:
-            scores, cut = scoring.preference_logprobs(model, tokenizer, inputs.preferences, batch, length)
-            _note_cut(cut, 2 * len(inputs.preferences), "prompt + response pairs", length)
-            metrics = scoring.preference_metrics(scores)
-            results.append(TaskResult("pref", metrics, len(inputs.preferences), "rows"))
-        if args.eval_lm_tasks:
-            key = _label(labels, "eval_lm_tasks")
-            results.extend(run_lm_eval(model, tokenizer, args.eval_lm_tasks, batch, key))
+        for task, rows in wanted:
+            settings = ScoreSettings(args.eval_tasks_batch_size, length, stride, _label(labels, task.setting))
+            results.extend(task.evaluate(model, tokenizer, rows, settings))
     finally:
         model.train(was_training)
     return results
@@ -303,8 +177,7 @@ def check_config_evaluations(values: Mapping[str, Any], where: str) -> None:
 def evaluate_after_training(trainer: Any, tokenizer: Any, args: EvalArguments) -> dict[str, float]:
     """Run a recipe config's `eval_*` tasks on the trained model (main process only), print the table and return the
     flat metrics for metrics.json; nothing when the config sets no task."""
-    tasks = (args.eval_text_files, args.eval_choice_files, args.eval_preference_files, args.eval_lm_tasks)
-    if not any(tasks) or not trainer.is_world_process_zero():
+    if not asked_for(args) or not trainer.is_world_process_zero():
         return {}
     results = evaluate_all(trainer.model, tokenizer, args)
     print(format_table(results))
@@ -314,39 +187,6 @@ def evaluate_after_training(trainer: Any, tokenizer: Any, args: EvalArguments) -
 def run_evaluations(model: Any, tokenizer: Any, args: EvalArguments) -> dict[str, float]:
     """Evaluate a model in memory (e.g. at the end of training) and return flat metric names and values."""
     return flat_metrics(evaluate_all(model, tokenizer, args))
-
-
-def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], batch_size: int, key: str) -> list[TaskResult]:
-    """Run lm-eval-harness tasks on the loaded model through its HFLM wrapper."""
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-
-    harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    try:
-        output = simple_evaluate(model=harness_model, tasks=list(tasks))
-    except OSError as error:  # no network, offline mode, or a task dataset missing from the cache
-        offline = [name for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(name, "0") != "0"]
-        hint = f" ({' and '.join(offline)} set: unset to download)" if offline else ""
-        raise DataError(
-            f"{key} {','.join(tasks)}: lm-eval could not load the task data ({str(error).splitlines()[0]}). Its tasks "
-            f"download their datasets from the Hugging Face Hub: run once with network access{hint}, and later runs "
-            "read them from the datasets cache."
-        ) from None
-    return lm_eval_results(output)
-
-
-def lm_eval_results(output: Mapping[str, Any]) -> list[TaskResult]:
-    """lm-eval's results per task: metrics named without the default filter ('acc,none' -> 'acc'), no stderrs."""
-    results = []
-    for task, values in output["results"].items():
-        metrics = {
-            name.removesuffix(",none").replace(",", "_"): float(value)
-            for name, value in values.items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and "_stderr" not in name
-        }
-        samples = output.get("n-samples", {}).get(task, {}).get("effective", 0)
-        results.append(TaskResult(f"lm_eval_{task}", metrics, int(samples), "samples"))
-    return results
 
 
 def format_table(results: list[TaskResult]) -> str:
@@ -362,7 +202,7 @@ def default_output(model_name: str, now: datetime) -> Path:
     """Beside the model when it is a local dir (outputs/eval/NAME/ otherwise), named by the time of the run."""
     model_path = Path(model_name).expanduser()
     directory = model_path if model_path.is_dir() else Path("outputs") / "eval" / model_path.name.removesuffix(".gguf")
-    return directory / f"eval_results-{now:%Y%m%d-%H%M%S}.json"
+    return directory / eval_results_name(now)
 
 
 def check_output(output: Path | None) -> None:
@@ -386,37 +226,24 @@ def write_results(payload: dict[str, Any], output: Path | None, model_name: str)
             candidate = path.with_name(f"{path.stem}-{attempt}{path.suffix}")
 
 
-def _help(name: str) -> str:
-    return EvalArguments.__dataclass_fields__[name].metadata["help"]
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `hfpipe eval`."""
-    parser.add_argument(
-        "model",
-        nargs="?",
-        metavar="MODEL",
-        help="model dir, adapter dir, .gguf, shipped model or Hub id. Default: the latest finished run in outputs/",
-    )
-    for flag, dest in (("--text", "eval_text_files"), ("--choices", "eval_choice_files")):
-        parser.add_argument(flag, dest=dest, nargs="+", metavar="FILE", help=_help(dest))
-    parser.add_argument(
-        "--preferences", dest="eval_preference_files", nargs="+", metavar="FILE", help=_help("eval_preference_files")
-    )
-    parser.add_argument(
-        "--lm-eval",
-        dest="eval_lm_tasks",
-        metavar="TASKS",
-        type=lambda text: [t for t in text.split(",") if t],
-        help="comma-separated " + _help("eval_lm_tasks"),
-    )
-    for flag, dest in (
-        ("--batch-size", "eval_tasks_batch_size"),
-        ("--max-length", "eval_max_length"),
-        ("--stride", "eval_stride"),
-    ):
-        default = EvalArguments.__dataclass_fields__[dest].default
-        parser.add_argument(flag, dest=dest, type=int, default=default, metavar="N", help=_help(dest))
+    add_model_argument(parser, optional=True)
+    for task in tasks.EVAL_TASKS:
+        if task.comma_separated:
+            parser.add_argument(
+                task.flag,
+                dest=task.setting,
+                metavar=task.metavar,
+                type=lambda text: [value for value in text.split(",") if value],
+                help="comma-separated " + task.help,
+            )
+        else:
+            parser.add_argument(task.flag, dest=task.setting, nargs="+", metavar=task.metavar, help=task.help)
+    for setting in SHARED_SETTINGS:
+        parser.add_argument(
+            setting.flag, dest=setting.name, type=int, default=setting.default, metavar="N", help=setting.help
+        )
     parser.add_argument(
         "--output",
         type=Path,
@@ -429,21 +256,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Check every input, load the model, evaluate, print the table and write the results file."""
-    from dataclasses import fields
-
     from hfpipe.models.trained import load_for_inference
 
-    eval_args = EvalArguments(**{item.name: getattr(args, item.name) for item in fields(EvalArguments)})
-    tasks = (eval_args.eval_text_files, eval_args.eval_choice_files, eval_args.eval_preference_files)
-    if not any(tasks) and not eval_args.eval_lm_tasks:
-        raise ConfigError("nothing to evaluate: give --text, --choices, --preferences or --lm-eval.")
-    inputs = load_inputs(eval_args, "command line", FLAGS)
+    eval_args = EvalArguments(**{item.name: getattr(args, item.name) for item in dataclasses.fields(EvalArguments)})
+    if not asked_for(eval_args):
+        flags = [task.flag for task in tasks.EVAL_TASKS]
+        raise ConfigError(f"nothing to evaluate: give {', '.join(flags[:-1])} or {flags[-1]}.")
+    labels = command_line_flags()
+    inputs = load_inputs(eval_args, "command line", labels)
     check_output(args.output)
     name, picked = model_or_latest_run(args.model)
     if picked:
         print(f"Evaluating {picked}: {name}")
     loaded = load_for_inference(name, args.dtype, args.device)
-    results = evaluate_all(loaded.model, loaded.tokenizer, eval_args, inputs, FLAGS)
+    results = evaluate_all(loaded.model, loaded.tokenizer, eval_args, inputs, labels)
     print(format_table(results))
     payload = {
         "model": name,

@@ -23,12 +23,12 @@ from typing import Any
 
 from hfpipe.config import load_yaml_mapping
 from hfpipe.errors import ConfigError, did_you_mean
+from hfpipe.evaluation import tasks as evaluation_tasks
 from hfpipe.rundir import EVAL_RESULTS, is_finished, read_metrics
 from hfpipe.stages import STAGES, stage_named_in
 
 PIPELINE_KEYS = ("stages", "chat_prompts", "chat_max_new_tokens")
 STAGE_KEYS = ("name", "config", "from", "launch_args", "eval")
-EVAL_KEYS = ("text", "choices", "preferences", "lm_eval")
 # The figures the summary shows beside the losses, when a stage's metrics.json has them.
 KEY_METRICS = ("eval_perplexity", "eval_rewards/accuracies", "mc_acc", "pref_accuracy", "text_perplexity")
 
@@ -106,14 +106,22 @@ def _read_stage(raw: dict[str, Any], name: str, where: str, earlier: list[Stage]
     return Stage(name, recipe, config, source, [str(arg) for arg in launch_args])
 
 
+def eval_keys() -> dict[str, evaluation_tasks.EvalTask]:
+    """The keys of an eval stage, one per evaluation task, and the task (whose `hfpipe eval` flag each becomes)."""
+    return {task.key: task for task in evaluation_tasks.EVAL_TASKS}
+
+
 def _eval_flags(spec: Any, where: str) -> list[str]:
+    keys = eval_keys()
     if not isinstance(spec, dict) or not spec:
-        raise ConfigError(f"{where}: eval: expected a mapping of {', '.join(EVAL_KEYS)} to lists of files or tasks.")
-    _check_keys(spec, EVAL_KEYS, f"{where}: eval")
+        raise ConfigError(f"{where}: eval: expected a mapping of {', '.join(keys)} to lists of files or tasks.")
+    _check_keys(spec, tuple(keys), f"{where}: eval")
     flags: list[str] = []
     for key, values in spec.items():
-        for value in values if isinstance(values, list) else [values]:
-            flags += [f"--{key.replace('_', '-')}", str(value)]
+        task = keys[key]
+        values = [str(value) for value in (values if isinstance(values, list) else [values])]
+        # One flag with every value: a repeated flag would keep only its last value.
+        flags += [task.flag, ",".join(values)] if task.comma_separated else [task.flag, *values]
     return flags
 
 
