@@ -141,6 +141,12 @@ def pretrain_main() -> Callable[..., dict]:
     return load_recipe("pretrain").main
 
 
+@pytest.fixture(scope="session")
+def sft_main() -> Callable[..., dict]:
+    """The SFT recipe's main(), imported from recipes/sft.py."""
+    return load_recipe("sft").main
+
+
 def load_recipe(name: str) -> ModuleType:
     """Import recipes/<name>.py as a module."""
     spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,8 +11,7 @@ from conftest import ROOT, write_config
 
 from hfpipe.cli import main as hfpipe_main
 from hfpipe.devices import cpu_has_native_bf16
-from hfpipe.stages import stage_named_in
-from hfpipe.train.dpo import parse as parse_dpo
+from hfpipe.stages import STAGES, stage_named_in
 from hfpipe.train.pretrain import parse as parse_pretrain
 from hfpipe.train.sft import parse as parse_sft
 
@@ -35,18 +35,20 @@ def test_every_shipped_config_starts_with_its_command(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", RECIPE_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_shipped_recipe_config_parses(path: Path, monkeypatch: pytest.MonkeyPatch, tiny_gpt2_dir: Path) -> None:
+def test_every_shipped_recipe_config_parses(
+    path: Path, monkeypatch: pytest.MonkeyPatch, tiny_gpt2_dir: Path, tmp_path: Path
+) -> None:
     monkeypatch.chdir(ROOT)
     recipe = stage_named_in(path)
-    parse = {"pretrain": parse_pretrain, "sft": parse_sft, "dpo": parse_dpo}[recipe]
-    flags = ["--output_dir", "/nonexistent/run"]
+    parse = STAGES[recipe].parse
+    flags = ["--output_dir", str(tmp_path / "run")]
     if "model_name_or_path: outputs/" in path.read_text():  # an earlier stage's output, absent in a fresh clone
         flags += ["--model_name_or_path", str(tiny_gpt2_dir)]
     parsed = parse(["--config", str(path.relative_to(ROOT)), *flags])
     training_args = parsed.values[0]
     # No GPU here: the device default (bf16 only for SFT on a CPU with bf16 instructions), not TRL's bf16 crash.
     assert training_args.bf16 is (recipe == "sft" and cpu_has_native_bf16())
-    assert training_args.output_dir == "/nonexistent/run"
+    assert training_args.output_dir == str(tmp_path / "run")
 
 
 def run_expecting_error(main: Callable, argv: list[str], capsys: pytest.CaptureFixture) -> str:
@@ -190,3 +192,81 @@ def test_every_shipped_pipeline_checks_all_its_stages(path: Path, monkeypatch: p
     stages, _, _ = read_pipeline(path.relative_to(ROOT))
     plan(stages, None)  # later stages start from outputs that do not exist yet: planned, not refused
     assert all(stage.output_dir is not None for stage in stages)
+
+
+def stage_config(stage: str, directory: Path, corpus: Path, model: Path, extra: str) -> Path:
+    """A minimal config for `stage` (pretrain from scratch on the corpus; SFT and DPO from `model` on one row file),
+    writing to directory/run unless `extra` sets output_dir."""
+    if stage == "pretrain":
+        base = f'train_files: ["{corpus}/train/*.txt"]\nn_head: 2\nn_embd: 32\n'
+    else:
+        rows = directory / "rows.jsonl"
+        rows.write_text('{"prompt": "Hi", "completion": "Hello.", "chosen": "Hello.", "rejected": "Go."}\n')
+        base = f"model_name_or_path: {model}\ntrain_files: [{rows}]\n"
+    if "output_dir:" not in extra:
+        base += f"output_dir: {directory}/run\n"
+    path = directory / f"{stage}.yaml"
+    path.write_text(f"# accelerate launch recipes/{stage}.py --config {path}\n{base}{extra}\n", encoding="utf-8")
+    return path
+
+
+# What transformers or the run would otherwise only refuse after the model has loaded.
+RUN_SETTING_ERRORS = [
+    ("report_to: wandbb", ["report_to: 'wandbb' is not valid; expected none, all", "Did you mean 'wandb'?"]),
+    ("report_to: [tensorboard, tensorbord]", ["report_to: 'tensorbord' is not valid", "Did you mean 'tensorboard'?"]),
+    ("report_to: [none, wandb]", ["report_to: 'none' is not valid", "alone"]),
+    ("output_dir: {tmp}/a_file", ["output_dir: '{tmp}/a_file' is a file, not a directory"]),
+    ("output_dir: {tmp}/a_file/run", ["output_dir: '{tmp}/a_file/run' cannot be created: '{tmp}/a_file' is a file"]),
+    ("output_dir: {tmp}/locked/run", ["output_dir: '{tmp}/locked/run' cannot be written: '{tmp}/locked' is not"]),
+]
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "dpo"])
+@pytest.mark.parametrize(("line", "expected"), RUN_SETTING_ERRORS, ids=[line for line, _ in RUN_SETTING_ERRORS])
+def test_run_settings_that_fail_after_loading_are_refused_by_check(
+    stage: str,
+    line: str,
+    expected: list[str],
+    tmp_path: Path,
+    corpus: Path,
+    tiny_gpt2_dir: Path,
+    capsys,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (tmp_path / "a_file").write_text("not a directory\n")
+    (tmp_path / "locked").mkdir()
+    # Tests run as root, whom permission bits do not stop: the read-only directory is simulated.
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda path, mode, **kw: Path(path) != tmp_path / "locked" and real_access(path, mode, **kw)
+    )
+    config = stage_config(stage, tmp_path, corpus, tiny_gpt2_dir, line.format(tmp=tmp_path))
+    err = run_expecting_error(hfpipe_main, ["check", str(config)], capsys)
+    assert err.startswith(f"error: {config}: ") and len(err.splitlines()) == 1, err
+    for fragment in expected:
+        assert fragment.format(tmp=tmp_path) in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "locked" / "run").exists()
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+@pytest.mark.parametrize("size", [0, -4])
+def test_max_length_of_zero_or_less_is_refused(
+    stage: str, size: int, tmp_path: Path, corpus: Path, tiny_gpt2_dir: Path, capsys
+) -> None:
+    config = stage_config(stage, tmp_path, corpus, tiny_gpt2_dir, f"max_length: {size}")
+    err = run_expecting_error(hfpipe_main, ["check", str(config)], capsys)
+    assert f"{config}: max_length: {size} must be greater than 0" in err
+    err = run_expecting_error(
+        hfpipe_main,
+        ["check", str(stage_config(stage, tmp_path, corpus, tiny_gpt2_dir, "")), "--max_length", "0"],
+        capsys,
+    )
+    assert "command line: max_length: 0 must be greater than 0" in err
+
+
+@pytest.mark.parametrize("value", ["none", "all", "tensorboard", "[tensorboard, wandb]", "[all]"])
+def test_every_report_to_transformers_accepts_is_accepted(
+    value: str, tmp_path: Path, corpus: Path, tiny_gpt2_dir: Path
+) -> None:
+    config = stage_config("sft", tmp_path, corpus, tiny_gpt2_dir, f"report_to: {value}")
+    parse_sft(["--config", str(config)])

@@ -108,3 +108,45 @@ def test_hub_dataset_offline_is_one_clear_line(tiny_config, pretrain_main, capsy
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: dataset_name: 'someone/shakespeare-corpus'") and "Traceback" not in err
     assert len(err.splitlines()) == 1
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".txt"])
+def test_files_opening_with_a_utf8_bom_are_read_without_it(suffix: str, tmp_path: Path) -> None:
+    # Two files: datasets' json builder drops a BOM from the first file it reads only.
+    paths = []
+    for name in ("first", "second"):
+        directory = tmp_path / name
+        directory.mkdir()
+        if suffix == ".txt":
+            path = directory / "corpus.txt"
+            path.write_text(DOCUMENTS[0], encoding="utf-8")
+        else:
+            path = write_format(directory, suffix, column="body")
+        path.write_bytes(BOM + path.read_bytes())
+        paths.append(str(path))
+    column = "text" if suffix == ".txt" else "body"
+    raw = load_raw_splits(DataArguments(train_files=paths, text_column=column), "cfg.yaml")
+    expected = [DOCUMENTS[0]] * 2 if suffix == ".txt" else DOCUMENTS * 2
+    assert raw["train"]["text"] == expected
+
+
+@pytest.mark.parametrize(
+    ("suffix", "holds"), [(".jsonl", "rows"), (".json", "rows"), (".csv", "rows"), (".txt", "text")]
+)
+def test_a_file_of_blank_lines_holds_no_rows(suffix: str, holds: str, tmp_path: Path) -> None:
+    path = tmp_path / f"blank{suffix}"
+    path.write_bytes(BOM + b"\n  \n\t\r\n\n")
+    with pytest.raises(DataError, match=rf"blank\{suffix}: the file has no {holds} \(every line is blank\)") as info:
+        load_raw_splits(DataArguments(train_files=[str(path)]), "cfg.yaml")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("line", "kind"), [('["a", "b"]', "an array"), ('"just text"', "a string"), ("7", "a number")])
+def test_a_jsonl_line_that_is_not_an_object_is_named_by_its_line(line: str, kind: str, tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_text(f'{{"text": "one"}}\n\n{line}\n{{"text": "two"}}\n')
+    with pytest.raises(DataError, match=rf"rows\.jsonl: line 3 is not a JSON object \(it is {kind}\)"):
+        load_raw_splits(DataArguments(train_files=[str(path)]), "cfg.yaml")

@@ -447,3 +447,32 @@ def test_a_task_added_to_the_task_list_is_a_flag_a_config_key_a_pipeline_key_and
     path.write_text(f"stages:\n  - {{name: sft, config: {sft}}}\n  - {{name: eval, eval: {{count: [{rows}]}}}}\n")
     stages, _, _ = read_pipeline(path)
     assert stages[1].eval_flags == ["--count", str(rows)]
+
+
+def test_eval_files_opening_with_a_utf8_bom_are_read_without_it(tmp_path: Path) -> None:
+    from hfpipe.evaluation.inputs import read_jsonl, read_texts
+
+    rows = tmp_path / "mc.jsonl"
+    rows.write_bytes(b"\xef\xbb\xbf" + (json.dumps(ROWS) + "\n").encode())
+    assert read_jsonl(str(rows)) == [(1, ROWS)]
+    text = tmp_path / "doc.txt"
+    text.write_bytes(b"\xef\xbb\xbf" + PROSE.encode())
+    assert read_texts(str(text)) == [PROSE]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"\n   \n\n", "blank.jsonl: the file has no rows"),
+        (b'{"text": "a"}\n\n["a", "b"]\n', "blank.jsonl: line 3 is not a JSON object (it is an array)"),
+        (b"\xef\xbb\xbf\n", "blank.jsonl: the file has no rows"),
+    ],
+)
+def test_blank_and_non_object_eval_lines_are_named(content: bytes, expected: str, tmp_path: Path) -> None:
+    from hfpipe.evaluation.inputs import read_jsonl
+
+    path = tmp_path / "blank.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as info:
+        read_jsonl(str(path))
+    assert expected in str(info.value) and "\n" not in str(info.value)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_recipe
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -17,11 +16,6 @@ ROWS = [
     {"instruction": f"Who is king number {i}?", "input": "", "output": f"The king number {i} is Lear."}
     for i in range(24)
 ]
-
-
-@pytest.fixture(scope="module")
-def sft_main():
-    return load_recipe("sft").main
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
@@ -195,7 +189,7 @@ def test_template_check_catches_a_broken_saved_tokenizer(sft_config, sft_main) -
 @pytest.mark.parametrize(
     ("extra", "rows", "expected"),
     [
-        ("load_in_4bit: true\nuse_peft: true\n", ROWS, "load_in_4bit / load_in_8bit (QLoRA) need a CUDA GPU"),
+        ("load_in_4bit: true\n", ROWS, "load_in_4bit quantizes the base model, which then cannot be trained"),
         ("merge_adapter: true\n", ROWS, "merge_adapter needs use_peft: true"),
         ("chat_template: vicuna\n", ROWS, "chat_template: 'vicuna' is neither a built-in template (chatml)"),
         ("", [*ROWS[:3], {"instruction": "Who?", "output": ""}], "train.jsonl: row 4: 'output' is empty"),
@@ -352,3 +346,20 @@ def test_every_run_writes_a_report_without_secrets(sft_config, sft_main) -> None
     for path in (run / "report.md", run / "report.html", run / "config.yaml", run / "metrics.json"):
         assert "hf_FAKEsecret" not in path.read_text()
     assert "<h2>Results</h2>" in (run / "report.html").read_text()
+
+
+@pytest.mark.parametrize(
+    ("rows", "extra", "advice"),
+    [(ROWS[:1], "", "Add rows"), (ROWS[:2], "test_split_size: 0.6\n", "lower test_split_size")],
+)
+def test_too_few_rows_to_hold_out_validation_is_one_clear_line(
+    sft_config, sft_main, capsys, rows: list, extra: str, advice: str
+) -> None:
+    config = sft_config(rows=rows, extra=extra)
+    with pytest.raises(SystemExit) as exit_info:
+        sft_main(["--config", str(config)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]
+    assert "Traceback" not in err and last.startswith(f"error: {config}: ") and "train.jsonl" in last, err
+    assert f"{len(rows)} training row" in last and "validation_files" in last and advice in last

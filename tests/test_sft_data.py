@@ -170,3 +170,38 @@ def test_a_row_format_added_in_one_place_is_detected_checked_and_converted(monke
 def test_an_unknown_row_format_raises_instead_of_falling_into_another() -> None:
     with pytest.raises(ValueError, match="unknown row format 'chosen_rejected'"):
         convert_row({"text": "x"}, "chosen_rejected", chat=False, system_prompt=None)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_sft_rows_in_a_file_opening_with_a_utf8_bom_keep_their_column_names(suffix: str, tmp_path: Path) -> None:
+    import pandas as pd
+
+    from hfpipe.data.sources import load_source
+
+    rows = [{"prompt": "Name a king.", "completion": " Lear."}, {"prompt": "Name a queen.", "completion": " Gertrude."}]
+    paths = [tmp_path / f"{name}{suffix}" for name in ("first", "second")]
+    for path in paths:
+        if suffix == ".jsonl":
+            text = "".join(json.dumps(row) + "\n" for row in rows)
+        elif suffix == ".json":
+            text = json.dumps(rows, indent=2)
+        else:
+            text = pd.DataFrame(rows).to_csv(index=False)
+        path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    dataset = load_source(str(tmp_path / f"*{suffix}"), "sft.yaml")
+    assert dataset.column_names == ["prompt", "completion"] and dataset.to_list() == rows * 2
+    converted, row_format, _ = prepare_source(Source("rows", dataset), False, None, False)
+    assert row_format == "prompt_completion" and len(converted) == 4
+
+
+def test_sft_file_of_blank_lines_and_array_lines_are_one_line(tmp_path: Path) -> None:
+    from hfpipe.data.sources import load_source
+
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n\n   \n")
+    with pytest.raises(DataError, match=r"blank\.jsonl: the file has no rows"):
+        load_source(str(blank), "sft.yaml")
+    arrays = tmp_path / "arrays.jsonl"
+    arrays.write_text(json.dumps(ROWS["prompt_completion"]) + "\n" + json.dumps(["2 + 2 =", " 4"]) + "\n")
+    with pytest.raises(DataError, match=r"arrays\.jsonl: line 2 is not a JSON object \(it is an array\)"):
+        load_source(str(arrays), "sft.yaml")

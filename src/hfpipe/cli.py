@@ -36,7 +36,7 @@ def run_tool(name: str, argv: Sequence[str]) -> None:
 
 def check(config: Path, recipe: str | None, overrides: Sequence[str], show_samples: int = 0) -> None:
     """Validate a config as its recipe would and print the resolved settings; train nothing."""
-    from hfpipe.rundir import is_finished, last_complete_checkpoint
+    from hfpipe.rundir import is_finished, last_complete_checkpoint, lock_holder
 
     if not config.is_file():
         raise ConfigError(f"{config}: config file not found. Check the path.")
@@ -54,7 +54,10 @@ def check(config: Path, recipe: str | None, overrides: Sequence[str], show_sampl
     print(f"# {config}: valid for recipes/{recipe}.py")
     print(yaml.safe_dump(public_settings(settings), sort_keys=False), end="")
     output_dir = Path(settings["output_dir"])
-    if is_finished(output_dir):
+    holder = lock_holder(output_dir)
+    if holder is not None:
+        state = f"in use by a run still training ({holder}): another run there is refused"
+    elif is_finished(output_dir):
         flags = dict(zip(overrides, overrides[1:], strict=False))
         wanted = flags.get("--overwrite_output_dir", load_yaml_mapping(config).get("overwrite_output_dir", False))
         replace = str(wanted).lower() in ("true", "1", "yes")

@@ -39,9 +39,10 @@ RENAMED_KEYS: dict[str, tuple[str, ...]] = {
     "max_prompt_length": ("max_length",),
 }
 
-# TrainingArguments fields that must be strictly positive when set.
+# TrainingArguments fields, and TRL's max_length (SFT and DPO), that must be strictly positive when set.
 POSITIVE_KEYS = frozenset(
     {
+        "max_length",
         "per_device_train_batch_size",
         "per_device_eval_batch_size",
         "gradient_accumulation_steps",

@@ -10,17 +10,20 @@
       merged/            base + adapter merged (merge_adapter: true, or at push time)
       sft-merged/        DPO of an SFT adapter with sft_adapter: merge: the merged SFT model it starts from
       hub_push.json      where and when the run was pushed
+      .hfpipe-run.lock   held by the process training into the dir (released when it ends, however it ends)
       eval_results*.json `hfpipe eval` results
 """
 
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
+import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from hfpipe.errors import ConfigError
 
@@ -39,6 +42,7 @@ MERGED_SFT_DIR = "sft-merged"
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
+RUN_LOCK = ".hfpipe-run.lock"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 INCOMPLETE_MARKER = "checkpoint-is-incomplete.txt"  # the Trainer's own, while a checkpoint is written
 TRAINER_STATE = "trainer_state.json"
@@ -137,4 +141,56 @@ def last_complete_checkpoint(run_dir: Path) -> Path | None:
             return checkpoint
         print(f"Removing {checkpoint}: it was not completely written (the run was killed while saving).")
         shutil.rmtree(checkpoint)
+    return None
+
+
+_HELD: dict[Path, IO[str]] = {}  # the run dirs this process holds the lock of
+
+
+def hold_run_lock(run_dir: Path, where: str) -> IO[str]:
+    """Take the run dir's lock until `release_run_lock` or the end of this process (an OS lock: it goes with the
+    process, so a lock left by a killed run is taken over); a ConfigError naming the process that holds it. A
+    process that holds it already (a run in the same process that stopped early) takes it again."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / RUN_LOCK
+    held = _HELD.get(path.resolve())
+    if held is not None and path.is_file() and os.fstat(held.fileno()).st_ino == path.stat().st_ino:
+        return held
+    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held open on purpose)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(
+            f"{where}: output_dir '{run_dir}' is in use by a run that is still training ({holder}). Wait for it to "
+            "end, stop it, or set another output_dir."
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    started = datetime.datetime.now().isoformat(timespec="seconds")
+    handle.write(f"process {os.getpid()} on {os.uname().nodename}, started {started}")
+    handle.flush()
+    _HELD[path.resolve()] = handle
+    return handle
+
+
+def release_run_lock(run_dir: Path) -> None:
+    """Let go of the run dir's lock this process holds (the run finished)."""
+    handle = _HELD.pop((run_dir / RUN_LOCK).resolve(), None)
+    if handle is not None:
+        handle.close()
+
+
+def lock_holder(run_dir: Path) -> str | None:
+    """Who holds the run dir's lock ("process 123 on host, started ..."), None when no live process does."""
+    path = run_dir / RUN_LOCK
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "another process"
     return None

@@ -4,7 +4,6 @@ tables, each problem one line naming the file; the cache dir; pretraining's raw 
 from __future__ import annotations
 
 import glob
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import datasets
 from datasets import Dataset, DatasetDict, load_dataset
 
 from hfpipe.errors import DataError, did_you_mean
+from hfpipe.lines import jsonl_object, text_lines
 from hfpipe.sections import DataArguments
 
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -51,8 +51,12 @@ def resolve_files(patterns: list[str], key: str, where: str) -> list[str]:
 def load_files(files: list[str]) -> Dataset:
     """Load local files of one format as a Dataset with all their columns (.txt: one row per file)."""
     builder = BUILDERS[Path(files[0]).suffix.lower()]
-    # One row per .txt file keeps line breaks and lets documents end with EOS.
-    options: dict[str, Any] = {"sample_by": "document"} if builder == "text" else {}
+    options: dict[str, Any] = {}
+    if builder != "parquet":
+        # A UTF-8 BOM may open any text file; datasets' json builder drops it from the first file only.
+        options["encoding"] = "utf-8-sig"
+    if builder == "text":
+        options["sample_by"] = "document"  # one row per .txt file keeps line breaks and lets documents end with EOS
     for file in files:
         _check_file(file, builder)
     try:
@@ -67,21 +71,17 @@ def _check_file(file: str, builder: str) -> None:
         raise DataError(f"{file}: the file is empty. Remove it from the list or add text to it.")
     if builder == "parquet":  # binary; the other formats are UTF-8 text
         return
-    with open(file, "rb") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise DataError(
-                    f"{file}: line {line_number} is not UTF-8 (byte {error.start}). Re-save the file as UTF-8."
-                ) from None
-            if file.endswith(".jsonl") and text.strip():
-                try:
-                    json.loads(text)
-                except ValueError as error:
-                    raise DataError(
-                        f"{file}: line {line_number} is not valid JSON ({error.msg}). Fix or remove it."
-                    ) from None
+    is_jsonl = file.lower().endswith(".jsonl")
+    blank = True
+    for number, line in text_lines(file):
+        blank = False
+        if is_jsonl:
+            jsonl_object(file, number, line)
+    if blank:
+        holds = "text" if builder == "text" else "rows"
+        raise DataError(
+            f"{file}: the file has no {holds} (every line is blank). Remove it from the list or add {holds}."
+        )
 
 
 def load_hub(name: str, config: str | None, split: str) -> Dataset:

@@ -109,12 +109,30 @@ def load_splits(
     if validation_sources:
         validation = concatenate([dataset for dataset, _, _ in convert(validation_sources)])
     else:
-        split = train.train_test_split(test_size=mixture.test_split_size, seed=parsed.get(TrainingArguments).seed)
-        train, validation = split["train"], split["test"]
+        train, validation = _hold_out(
+            train, mixture.test_split_size, parsed.get(TrainingArguments).seed, sources, where
+        )
     splits = DatasetDict({"train": train, "validation": validation})
     if smoke:
         splits = DatasetDict({name: split.select(range(min(len(split), 32))) for name, split in splits.items()})
     return splits, table
+
+
+def _hold_out(train: Dataset, size: float, seed: int, sources: list[Source], where: str) -> tuple[Dataset, Dataset]:
+    """Split test_split_size of the training rows off for validation; too few rows is one DataError line."""
+    try:
+        split = train.train_test_split(test_size=size, seed=seed)
+    except ValueError:  # the held-out share (rounded up) would leave no training row
+        fixes = (
+            "Add rows, give validation_files, or lower test_split_size"
+            if len(train) > 1
+            else "Add rows or give validation_files"
+        )
+        raise DataError(
+            f"{where}: {len(train)} training row(s) from {', '.join(source.name for source in sources)} are too few to "
+            f"hold out test_split_size: {size} of them for validation (no training row would be left). {fixes}."
+        ) from None
+    return split["train"], split["test"]
 
 
 def _train_sources(data_args: TuningArguments, mixture: DatasetMixtureConfig, where: str) -> list[Source]:

@@ -4,7 +4,6 @@ checked, before any model loads; each problem is a one-line DataError naming the
 from __future__ import annotations
 
 import glob
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hfpipe.errors import DataError
+from hfpipe.lines import jsonl_object, text_lines
 
 
 def resolve_inputs(patterns: list[str], key: str, where: str, suffixes: tuple[str, ...]) -> list[str]:
@@ -32,22 +32,7 @@ def resolve_inputs(patterns: list[str], key: str, where: str, suffixes: tuple[st
 
 def read_jsonl(path: str) -> list[tuple[int, dict[str, Any]]]:
     """The non-blank lines of a JSONL file as (line number, object); a bad line is a one-line DataError."""
-    rows = []
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DataError(f"{path}: line {number} is not UTF-8. Re-save the file as UTF-8.") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as error:
-                raise DataError(f"{path}: line {number} is not valid JSON ({error.msg}). Fix or remove it.") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: line {number} is not a JSON object. Write one {{...}} object per line.")
-            rows.append((number, row))
+    rows = [(number, jsonl_object(path, number, line)) for number, line in text_lines(path)]
     if not rows:
         raise DataError(f"{path}: the file has no rows. Remove it from the list or add rows.")
     return rows
@@ -57,7 +42,7 @@ def read_texts(path: str) -> list[str]:
     """The documents of a .txt file (the whole file) or of a .jsonl file (each row's 'text')."""
     if path.lower().endswith(".txt"):
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            text = Path(path).read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as error:
             raise DataError(f"{path}: not UTF-8 (byte {error.start}). Re-save the file as UTF-8.") from None
         if not text.strip():

@@ -8,7 +8,14 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from hfpipe.errors import ConfigError
 
@@ -56,9 +63,18 @@ def load_tokenizer_from(
 
 
 def load_causal_lm(
-    name: str, revision: str, dtype: str | None, attn: str | None, trust_remote_code: bool
+    name: str,
+    revision: str,
+    dtype: str | None,
+    attn: str | None,
+    trust_remote_code: bool,
+    quantization_config: BitsAndBytesConfig | None = None,
 ) -> PreTrainedModel:
-    """Load a pretrained causal LM from safetensors weights; a load failure is a one-line ConfigError."""
+    """Load a pretrained causal LM from safetensors weights, quantized by bitsandbytes when `quantization_config` is
+    given (on this process's GPU, else on the CPU); a load failure is a one-line ConfigError."""
+    device_map = None
+    if quantization_config is not None:  # bitsandbytes places quantized weights at load: this process's device
+        device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))} if torch.cuda.is_available() else "cpu"
     try:
         return AutoModelForCausalLM.from_pretrained(
             name,
@@ -67,6 +83,8 @@ def load_causal_lm(
             attn_implementation=attn,
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
+            quantization_config=quantization_config,
+            device_map=device_map,
         )
     except OSError as error:
         raise ConfigError(f"model_name_or_path: '{name}' could not be loaded: {str(error).splitlines()[0]}") from None

@@ -30,7 +30,7 @@ from hfpipe.hub.publish import check_hub_settings
 from hfpipe.models.gpt2 import SHAPE_KEYS, build_gpt2, check_shape, resolve_shape
 from hfpipe.models.pretrained import check_model_path, load_causal_lm, load_tokenizer_from
 from hfpipe.sections import DataArguments, GPT2ShapeArguments, RemoteCodeArguments, RunArguments, TokenizerArguments
-from hfpipe.train.run_settings import RUN_DEFAULTS, check_output_dir, derive_run_settings
+from hfpipe.train.run_settings import RUN_DEFAULTS, check_output_dir, check_report_to, derive_run_settings
 
 ARGUMENTS = (
     TrainingArguments,
@@ -97,6 +97,7 @@ def check(values: dict[str, Any], where: str) -> None:
     _check_model(values, where)
     _check_data(values, where)
     check_output_dir(values, where)
+    check_report_to(values, where)
     check_hub_settings(values, where, trains_adapter=False)
 
 

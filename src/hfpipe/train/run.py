@@ -30,7 +30,16 @@ from hfpipe.config import ParsedConfig, public_settings
 from hfpipe.devices import use_cpu_cores
 from hfpipe.evaluation.evaluate import EvalArguments, evaluate_after_training
 from hfpipe.hub.publish import HubTarget, push_run, take_push_request
-from hfpipe.rundir import CONFIG_FILE, LOSS_PLOT, MERGED_DIR, METRICS_FILE, last_complete_checkpoint
+from hfpipe.rundir import (
+    CONFIG_FILE,
+    LOSS_PLOT,
+    MERGED_DIR,
+    METRICS_FILE,
+    RUN_LOCK,
+    hold_run_lock,
+    last_complete_checkpoint,
+    release_run_lock,
+)
 from hfpipe.sections import RunArguments, TuningArguments
 from hfpipe.stages import get_stage
 from hfpipe.train.callbacks import LogExtrasCallback, SampleCallback
@@ -103,6 +112,7 @@ class Run:
             print(f"Done: {self.output_dir} | {summary(metrics)}")
             if self.hub is not None:
                 push_run(self.output_dir, self.hub)
+        release_run_lock(self.output_dir)
         return metrics
 
 
@@ -112,6 +122,9 @@ def start_run(stage: str, parsed: ParsedConfig) -> Run:
     output_dir = Path(training_args.output_dir)
     threads = use_cpu_cores(training_args.use_cpu)
     hub = take_push_request(training_args, run_args)
+    # One run per output dir: the main process holds the lock until it exits.
+    if training_args.process_index == 0:
+        hold_run_lock(output_dir, str(parsed.path))
     with training_args.main_process_first(desc="preparing the output dir"):
         resume_from = prepare_output_dir(
             output_dir, run_args.overwrite_output_dir, str(parsed.path), training_args.process_index == 0
@@ -128,7 +141,13 @@ def prepare_output_dir(output_dir: Path, overwrite: bool, where: str, is_main_pr
     if overwrite:
         if is_main_process and output_dir.exists():
             print(f"overwrite_output_dir: starting afresh in {output_dir}")
-            shutil.rmtree(output_dir)
+            for entry in output_dir.iterdir():
+                if entry.name == RUN_LOCK:
+                    continue  # this run's own lock, held
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
         return None
     check_not_finished(output_dir, overwrite, where)
     return last_complete_checkpoint(output_dir)

@@ -1,12 +1,16 @@
 """The run conventions every stage's config starts from, and the settings derived from them: run name, output dir,
-checkpoint steps, --smoke. Config-time only: nothing here loads or writes."""
+checkpoint steps, --smoke; the checks of the output dir and report_to. Config-time only: nothing here loads or
+writes."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
-from hfpipe.errors import ConfigError
+from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+from hfpipe.errors import ConfigError, did_you_mean
 from hfpipe.rundir import HUB_RECORD, is_finished
 
 
@@ -55,8 +59,53 @@ def derive_run_settings(values: dict[str, Any], default_run_name: str) -> None:
 
 
 def check_output_dir(values: dict[str, Any], where: str) -> None:
-    """Refuse a finished output_dir unless overwrite_output_dir; say how to push it when the config wants a push."""
+    """Refuse an output_dir the run cannot write (a file, under a file, or in a directory this user cannot write),
+    and a finished one unless overwrite_output_dir; say how to push it when the config wants a push."""
     output_dir = Path(values["output_dir"])
+    _check_writable(output_dir, where)
     unpushed = values.get("push_to_hub") and not (output_dir / HUB_RECORD).is_file()
     hint = f" (to push it as it is: hfpipe push {output_dir})" if unpushed else ""
     check_not_finished(output_dir, values["overwrite_output_dir"], where, hint)
+
+
+def _check_writable(output_dir: Path, where: str) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(
+            f"{where}: output_dir: '{output_dir}' is a file, not a directory; expected a directory for the run. "
+            "Set another output_dir, or move the file."
+        )
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"{where}: output_dir: '{output_dir}' cannot be created: '{existing}' is a file. Set another output_dir."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{where}: output_dir: '{output_dir}' cannot be written: '{existing}' is not writable by this user. "
+            "Set another output_dir, or make that directory writable."
+        )
+
+
+# "none" and "all" are TrainingArguments.report_to's words, each valid only on its own; the rest name integrations.
+REPORT_TO_WORDS = ("none", "all")
+
+
+def check_report_to(values: dict[str, Any], where: str) -> None:
+    """Refuse a report_to that transformers would reject only once the trainer is built, after the model has loaded:
+    "none", "all", or one or a list of the integrations transformers knows (wandb, tensorboard, ...)."""
+    report_to = values.get("report_to")
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    integrations = list(INTEGRATION_TO_CALLBACK)
+    for name in names:
+        if name in integrations or (name in REPORT_TO_WORDS and len(names) == 1):
+            continue
+        if name in REPORT_TO_WORDS:
+            hint = " 'none' and 'all' stand alone, not in a list."
+        else:
+            hint = did_you_mean(str(name), [*REPORT_TO_WORDS, *integrations])
+        raise ConfigError(
+            f"{where}: report_to: {name!r} is not valid; expected none, all, or one or a list of "
+            f"{', '.join(integrations)}.{hint}"
+        )

@@ -4,14 +4,15 @@ sample prompts. Each reads only keys all those configs have."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 from pathlib import Path
 from typing import Any
 
-import torch
 from datasets import Dataset
-from peft import LoraConfig
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
-from trl import ModelConfig, get_peft_config
+from peft import LoraConfig, prepare_model_for_kbit_training
+from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
+from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from hfpipe.config import ParsedConfig
 from hfpipe.data.chat_templates import apply_chat_template_choice, check_template_name, fit_model_to_tokenizer
@@ -21,7 +22,7 @@ from hfpipe.errors import ConfigError
 from hfpipe.evaluation.evaluate import check_config_evaluations
 from hfpipe.models.pretrained import check_model_path, load_causal_lm, load_tokenizer_from
 from hfpipe.sections import TuningArguments
-from hfpipe.train.run_settings import check_output_dir, derive_run_settings
+from hfpipe.train.run_settings import check_output_dir, check_report_to, derive_run_settings
 
 
 def derive_tuning(values: dict[str, Any], where: str, stage: str, learning_rates: tuple[float, float]) -> None:
@@ -44,11 +45,7 @@ def check_tuning(values: dict[str, Any], where: str) -> None:
             raise ConfigError(f"{where}: model_name_or_path: '{name}': no such .gguf file.")
     elif name not in _shipped_models():
         check_model_path(name, "model_name_or_path", where)
-    if (values.get("load_in_4bit") or values.get("load_in_8bit")) and not torch.cuda.is_available():
-        raise ConfigError(
-            f"{where}: load_in_4bit / load_in_8bit (QLoRA) need a CUDA GPU for bitsandbytes and none was found. "
-            "Use use_peft: true alone (LoRA) on this machine."
-        )
+    check_quantization(values, where)
     check_template_name(values.get("chat_template"), where)
     sources = [values.get("train_files"), values.get("dataset_name"), values.get("datasets")]
     if sum(bool(source) for source in sources) != 1:
@@ -59,8 +56,45 @@ def check_tuning(values: dict[str, Any], where: str) -> None:
     if not 0.0 < values["test_split_size"] < 1.0:
         raise ConfigError(f"{where}: test_split_size: must be between 0 and 1 (exclusive).")
     check_config_evaluations(values, where)
-    check_config_evaluations(values, where)
     check_output_dir(values, where)
+    check_report_to(values, where)
+
+
+def check_quantization(values: dict[str, Any], where: str) -> None:
+    """QLoRA: a base loaded in 4 or 8 bits trains an adapter only, and needs bitsandbytes (CPU or GPU)."""
+    bits = [key for key in ("load_in_4bit", "load_in_8bit") if values.get(key)]
+    if not bits:
+        return
+    if len(bits) == 2:
+        raise ConfigError(f"{where}: load_in_4bit and load_in_8bit are both true; keep one.")
+    if not values.get("use_peft"):
+        raise ConfigError(
+            f"{where}: {bits[0]} quantizes the base model, which then cannot be trained itself: add use_peft: true "
+            "(QLoRA trains a LoRA adapter on the quantized base)."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{where}: {bits[0]} needs bitsandbytes: pip install -e '.[qlora]' (CPU and CUDA).")
+
+
+def quantization_config(parsed: ParsedConfig) -> BitsAndBytesConfig | None:
+    """TRL's bitsandbytes config from the ModelConfig keys (load_in_4bit: nf4 or fp4, double quantization, compute
+    dtype; load_in_8bit), None without them. The 4-bit compute dtype follows `dtype`, else the training precision."""
+    model_args, training_args = parsed.get(ModelConfig), parsed.get(TrainingArguments)
+    if model_args.dtype in (None, "auto"):
+        model_args = dataclasses.replace(model_args, dtype="bfloat16" if training_args.bf16 else "float32")
+    return get_quantization_config(model_args)
+
+
+def keep_4bit_layers_trainable(model: PreTrainedModel) -> None:
+    """Keep bitsandbytes' 4-bit layers on their trainable CPU path.
+
+    bitsandbytes 0.50.2, on a CPU with AVX512-BF16, repacks a 4-bit layer's weights for its inference kernel at the
+    first forward without gradients (the evaluation before training), and from then on no gradient reaches the
+    layer's input: every LoRA adapter upstream of it stops learning, silently.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _shipped_models() -> tuple[str, ...]:
@@ -119,13 +153,19 @@ def load_tokenizer(parsed: ParsedConfig) -> tuple[PreTrainedTokenizerBase, str, 
 def load_model(parsed: ParsedConfig, name: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """Load the model to fine-tune, sized and configured for `tokenizer` (added tokens, EOS, pad)."""
     model_args, training_args = parsed.get(ModelConfig), parsed.get(TrainingArguments)
+    quantization = quantization_config(parsed)
     model = load_causal_lm(
         name,
         model_args.model_revision,
         model_args.dtype,
         model_args.attn_implementation or "sdpa",
         training_args.trust_remote_code,
+        quantization,
     )
+    if quantization is not None:
+        # Frozen quantized weights, norms in fp32; activation checkpointing stays the Trainer's to turn on.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_4bit_layers_trainable(model)
     fit_model_to_tokenizer(model, tokenizer)
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions and training_args.max_length and training_args.max_length > positions:
