@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import difflib
 import functools
-import sys
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
-USER_ERROR_EXIT_CODE = 2
+import hfpipe_launch_hook
+
+USER_ERROR_EXIT_CODE = hfpipe_launch_hook.USER_ERROR_EXIT_CODE
 
 T = TypeVar("T")
 
@@ -32,14 +33,18 @@ def did_you_mean(word: str, candidates: Iterable[str]) -> str:
 
 
 def exit_on_user_error(func: Callable[..., T]) -> Callable[..., T]:
-    """Run `func`; turn a UserError into one line on stderr and exit code 2 instead of a traceback."""
+    """Run `func`; turn a UserError into one line on stderr and exit code 2 instead of a traceback.
+
+    Under `accelerate launch`, `torchrun` or `hfpipe pipeline` the line goes to the launcher, which prints each
+    distinct line once, after its workers stopped (hfpipe_launch_hook).
+    """
 
     @functools.wraps(func)
     def wrapper(*args: object, **kwargs: object) -> T:
         try:
             return func(*args, **kwargs)
         except UserError as error:
-            print(f"error: {error}", file=sys.stderr)
+            hfpipe_launch_hook.report(f"error: {error}")
             raise SystemExit(USER_ERROR_EXIT_CODE) from None
 
     return wrapper

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -22,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from hfpipe.config import load_yaml_mapping
-from hfpipe.errors import ConfigError, did_you_mean
+from hfpipe.errors import USER_ERROR_EXIT_CODE, ConfigError, did_you_mean
 from hfpipe.evaluation import tasks as evaluation_tasks
 from hfpipe.rundir import EVAL_RESULTS, is_finished, read_metrics
 from hfpipe.stages import STAGES, stage_named_in
+from hfpipe_launch_hook import Inbox
 
 PIPELINE_KEYS = ("stages", "chat_prompts", "chat_max_new_tokens")
 STAGE_KEYS = ("name", "config", "from", "launch_args", "eval")
@@ -219,15 +221,21 @@ def run_pipeline(path: Path, start: str | None) -> None:
         command = stage_command(stage, stages, stage.name in rerun)
         print(f"=== {stage.name}: {' '.join(command)}", flush=True)
         began = time.perf_counter()
-        code = subprocess.call(command)
+        with Inbox() as inbox:  # the stage's user error comes here, to be printed last
+            code = subprocess.call(command, env={**os.environ, **inbox.env})
+            user_errors = inbox.take()
         seconds[stage.name] = time.perf_counter() - began
         if code != 0:
             kept = [s.name for s in stages if s.name in seconds and s is not stage]
-            print(
-                f"error: pipeline stopped: stage '{stage.name}' failed with exit code {code}; "
-                f"finished stages kept: {', '.join(kept) or 'none'}. Fix it and rerun (finished stages are skipped).",
-                file=sys.stderr,
-            )
+            # Exit code 2 without a line handed over: the stage printed its error itself, and it stays last.
+            if code != USER_ERROR_EXIT_CODE or user_errors:
+                print(
+                    f"error: pipeline stopped: stage '{stage.name}' failed with exit code {code}; finished stages "
+                    f"kept: {', '.join(kept) or 'none'}. Fix it and rerun (finished stages are skipped).",
+                    file=sys.stderr,
+                )
+            for line in user_errors:
+                print(line, file=sys.stderr)
             raise SystemExit(code)
     print(f"\n=== summary: {path}\n{summary_table(stages, seconds)}", flush=True)
     final = [stage for stage in stages if stage.recipe != "eval"][-1]
