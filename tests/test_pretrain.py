@@ -194,3 +194,42 @@ def test_hub_model_offline_is_one_clear_line(tiny_config, pretrain_main, capsys)
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: model_name_or_path: no tokenizer could be loaded from 'someone/tiny-gpt2'")
     assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_eval_loss_is_the_mean_loss_over_every_prediction_of_the_validation_blocks(tiny_config, pretrain_main) -> None:
+    from hfpipe.data import load_raw_splits
+    from hfpipe.sections import DataArguments, RunArguments
+    from hfpipe.train import pretrain
+
+    config = tiny_config()
+    metrics = pretrain_main(["--config", str(config)])
+    parsed = pretrain.parse(["--config", str(config), "--overwrite_output_dir", "true"])
+    smoke = parsed.get(RunArguments).smoke
+    raw = load_raw_splits(parsed.get(DataArguments), str(config), smoke=smoke)
+    tokenizer = pretrain.load_tokenizer(parsed, raw, smoke)
+    validation = pretrain.load_blocks(parsed, raw, tokenizer, smoke)["validation"]
+    blocks = torch.stack([row["input_ids"] for row in validation])
+    model = AutoModelForCausalLM.from_pretrained(config.parent / "run").eval()
+    with torch.no_grad():
+        logits = model(input_ids=blocks).logits
+    # Each block of n tokens holds n - 1 predictions: the mean over all of them, computed without the Trainer.
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), blocks[:, 1:].flatten())
+    assert metrics["eval_loss"] == pytest.approx(expected.item(), rel=1e-5)
+    block = blocks.shape[1]
+    assert metrics["eval_loss"] != pytest.approx(expected.item() * (block - 1) / block, rel=1e-5)
+
+
+def test_a_block_size_beyond_the_models_positions_is_refused_before_loading(
+    tiny_gpt2_dir, corpus, tmp_path, capsys, monkeypatch
+) -> None:
+    from hfpipe.cli import main as hfpipe_main
+
+    config = write_config(
+        tmp_path / "continued.yaml",
+        f"model_name_or_path: {tiny_gpt2_dir}\ntrain_files: [\"{corpus}/train/*.txt\"]\nblock_size: 65\n",
+    )
+    monkeypatch.setattr("hfpipe.train.pretrain.load_causal_lm", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as stopped:
+        hfpipe_main(["check", str(config)])
+    assert stopped.value.code == 2
+    assert "block_size=65 exceeds the model's 64 positions" in capsys.readouterr().err

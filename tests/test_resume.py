@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import ROOT
 from safetensors.torch import load_file
@@ -112,3 +113,32 @@ def test_half_written_checkpoints_are_skipped(tmp_path: Path) -> None:
     (jit_unfinished / "checkpoint-is-incomplete.txt").write_text("")
     assert last_complete_checkpoint(tmp_path) == complete
     assert not killed_mid_save.exists() and not jit_unfinished.exists()
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_the_rerun_resumes(
+    tiny_config, pretrain_main, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    config = tiny_config()
+    flags = ["--config", str(config), "--max_steps", "4", "--save_steps", "2", "--eval_steps", "2"]
+    real_save = transformers.modeling_utils.safe_save_file
+
+    def save_until_the_disk_is_full(tensors, filename, *args, **kwargs):
+        if "checkpoint-4" in str(filename):  # what safetensors raises on ENOSPC
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_until_the_disk_is_full)
+    with pytest.raises(SystemExit) as stopped:
+        pretrain_main(flags)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "the disk is full" in err and "checkpoint-2, the last complete" in err
+    run = config.parent / "run"
+    assert (run / "checkpoint-2").is_dir() and not (run / "checkpoint-4").exists()
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", real_save)
+    metrics = pretrain_main(flags)
+    assert metrics["global_step"] == 4
+    assert "Resuming from" in capsys.readouterr().out

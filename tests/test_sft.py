@@ -222,10 +222,29 @@ def test_bad_sft_input_is_one_clear_line(sft_config, sft_main, capsys, extra: st
     assert not (config.parent / "run" / "metrics.json").exists()
 
 
-def test_check_show_samples_marks_the_trained_span(sft_config, capsys) -> None:
+def test_check_refuses_a_max_length_beyond_the_models_positions_before_loading_it(
+    sft_config, capsys, monkeypatch
+) -> None:
     from hfpipe.cli import main as hfpipe_main
 
-    config = sft_config()
+    monkeypatch.setattr("hfpipe.train.tuning.load_causal_lm", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as stopped:
+        hfpipe_main(["check", str(sft_config()), "--max_length", "65"])
+    assert stopped.value.code == 2
+    assert "max_length=65 exceeds the 64 positions of" in capsys.readouterr().err
+
+
+def test_check_show_samples_marks_the_trained_span(tiny_tokenizer_dir: Path, tmp_path: Path, capsys) -> None:
+    from transformers import AutoTokenizer
+
+    from hfpipe.cli import main as hfpipe_main
+    from hfpipe.models.gpt2 import build_gpt2
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    model_dir = tmp_path / "gpt2-256"  # room for max_length 256
+    build_gpt2({"n_layer": 1, "n_head": 1, "n_embd": 8, "n_positions": 256}, 0.0, tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    config = write_sft_config(tmp_path, model_dir)
     hfpipe_main(["check", str(config), "--show-samples", "2", "--max_length", "256"])
     out = capsys.readouterr().out
     assert "valid for recipes/sft.py" in out and "loss on: completion tokens" in out

@@ -26,6 +26,10 @@ class DataError(UserError):
     """An input data file or dataset that cannot be used as written."""
 
 
+class DiskFullError(UserError):
+    """The disk filled up while a run wrote to it; the run can resume once there is space."""
+
+
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     """Return a " Did you mean 'X'?" suffix naming the candidate closest to `word`, or an empty string."""
     matches = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)

@@ -55,6 +55,16 @@ def resolve_model_path(name: str, cache_dir: Path) -> str:
     return str(target)
 
 
+def converted_dir(name: str, cache_dir: Path) -> Path | None:
+    """The model dir a .gguf file or package-shipped model was converted to, None when it names no GGUF or was not
+    converted yet."""
+    gguf_path = find_gguf(name)
+    if gguf_path is None:
+        return None
+    target = Path(cache_dir) / "gguf" / cache_key(gguf_path)
+    return target if (target / SOURCE_FILE).is_file() else None
+
+
 def find_gguf(name: str) -> Path | None:
     """Return the .gguf file that `name` names, None if it names no GGUF; raise ConfigError if the file is missing."""
     if name.lower().endswith(".gguf"):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from hfpipe.errors import ConfigError
 from hfpipe.sections import GPT2ShapeArguments
@@ -62,4 +62,15 @@ def build_gpt2(shape: dict[str, int], dropout: float, tokenizer: PreTrainedToken
     )
     model = GPT2LMHeadModel(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return with_causal_lm_loss(model)
+
+
+def with_causal_lm_loss(model: PreTrainedModel) -> PreTrainedModel:
+    """Name the model's loss a causal-LM one where its class name does not (GPT2LMHeadModel's loss_type is None).
+
+    The Trainer divides the summed loss by the labels it counts, and counts the shifted labels (one prediction
+    fewer per row) only for a ForCausalLM loss: without this a block of 128 tokens reports 127/128 of its loss.
+    """
+    if getattr(model, "loss_type", None) is None:
+        model.loss_type = "ForCausalLM"
     return model

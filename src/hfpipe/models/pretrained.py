@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from transformers import (
 )
 
 from hfpipe.errors import ConfigError
+from hfpipe.models.gpt2 import with_causal_lm_loss
 
 
 def looks_local(name: str) -> bool:
@@ -52,6 +54,23 @@ def check_model_path(name: str, key: str, where: str) -> None:
         raise ConfigError(f"{where}: {key}: '{name}' is not a directory. Give a model output dir or a Hub id.")
 
 
+def model_positions(name: str, cache_dir: Path) -> int | None:
+    """The positions a model's config.json declares, read without loading the model: a local model dir, an adapter
+    dir (its base's), a converted .gguf or package-shipped model; None for a Hub id or anything not on disk yet."""
+    from hfpipe.models.gguf import converted_dir
+    from hfpipe.rundir import MODEL_CONFIG, adapter_base
+
+    path = converted_dir(name, cache_dir) or (Path(name).expanduser() if looks_local(name) else None)
+    if path is not None and path.is_dir() and not (path / MODEL_CONFIG).is_file():
+        base = adapter_base(path)
+        path = Path(base).expanduser() if base and looks_local(base) else None
+    if path is None or not (path / MODEL_CONFIG).is_file():
+        return None
+    config = json.loads((path / MODEL_CONFIG).read_text(encoding="utf-8"))
+    positions = config.get("max_position_embeddings") or config.get("n_positions")
+    return positions if isinstance(positions, int) else None
+
+
 def load_tokenizer_from(
     name: str, key: str, revision: str = "main", trust_remote_code: bool = False
 ) -> PreTrainedTokenizerBase:
@@ -76,7 +95,7 @@ def load_causal_lm(
     if quantization_config is not None:  # bitsandbytes places quantized weights at load: this process's device
         device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))} if torch.cuda.is_available() else "cpu"
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             name,
             revision=revision,
             dtype=dtype or "auto",
@@ -88,3 +107,4 @@ def load_causal_lm(
         )
     except OSError as error:
         raise ConfigError(f"model_name_or_path: '{name}' could not be loaded: {str(error).splitlines()[0]}") from None
+    return with_causal_lm_loss(model)

@@ -28,7 +28,7 @@ from hfpipe.errors import ConfigError
 from hfpipe.evaluation.evaluate import EvalArguments, check_config_evaluations
 from hfpipe.hub.publish import check_hub_settings
 from hfpipe.models.gpt2 import SHAPE_KEYS, build_gpt2, check_shape, resolve_shape
-from hfpipe.models.pretrained import check_model_path, load_causal_lm, load_tokenizer_from
+from hfpipe.models.pretrained import check_model_path, load_causal_lm, load_tokenizer_from, model_positions
 from hfpipe.sections import DataArguments, GPT2ShapeArguments, RemoteCodeArguments, RunArguments, TokenizerArguments
 from hfpipe.train.run_settings import RUN_DEFAULTS, check_output_dir, check_report_to, derive_run_settings
 
@@ -112,6 +112,9 @@ def _check_model(values: dict[str, Any], where: str) -> None:
                 f"{where}: {shape_keys[0]} shapes a from-scratch model; with model_name_or_path the shape "
                 "comes from the model. Remove one of them."
             )
+        positions = model_positions(values["model_name_or_path"], cache_root(values.get("data_cache_dir")))
+        if positions and values["block_size"] > positions:
+            raise ConfigError(f"{where}: block_size={values['block_size']} exceeds the model's {positions} positions.")
         return
     shape = GPT2ShapeArguments(**{key: values[key] for key in ("model_size", "dropout", *SHAPE_KEYS)})
     check_shape(shape, values["block_size"], where)

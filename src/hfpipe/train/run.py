@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import errno
 import json
 import shutil
 import sys
@@ -28,6 +29,7 @@ from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, Trai
 from hfpipe import __version__
 from hfpipe.config import ParsedConfig, public_settings
 from hfpipe.devices import use_cpu_cores
+from hfpipe.errors import DiskFullError
 from hfpipe.evaluation.evaluate import EvalArguments, evaluate_after_training
 from hfpipe.hub.publish import HubTarget, push_run, take_push_request
 from hfpipe.rundir import (
@@ -199,7 +201,18 @@ def train(trainer: Trainer, resume_from: Path | None) -> None:
     """Train, resuming from `resume_from`; exit with 143 when SIGTERM stopped the run after a checkpoint."""
     if resume_from is not None:
         print(f"Resuming from {resume_from}")
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except Exception as error:
+        if not is_disk_full(error, Path(trainer.args.output_dir)):
+            raise
+        output_dir = Path(trainer.args.output_dir)
+        kept = last_complete_checkpoint(output_dir)  # removes the half-written one
+        then = f"{kept.name}, the last complete checkpoint, is kept" if kept else "No checkpoint is complete"
+        raise DiskFullError(
+            f"{output_dir}: the disk is full: a checkpoint could not be written at step {trainer.state.global_step} "
+            f"({str(error).splitlines()[0][:160]}). {then}: free some space and run the same command again."
+        ) from None
     state = trainer.state
     if state.max_steps and state.global_step < state.max_steps:
         print(
@@ -208,6 +221,18 @@ def train(trainer: Trainer, resume_from: Path | None) -> None:
             file=sys.stderr,
         )
         raise SystemExit(SIGTERM_EXIT_CODE)
+
+
+def is_disk_full(error: BaseException, output_dir: Path) -> bool:
+    """Whether `error` is a write that failed for lack of space: ENOSPC, or the messages safetensors and torch.save
+    give for it (theirs name no errno, so a failed write on a disk with almost no space left counts too)."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    message = str(error)
+    if "No space left on device" in message or "os error 28" in message or "StorageFull" in message:
+        return True
+    wrote = "failed writing file" in message or "Error while serializing" in message
+    return wrote and shutil.disk_usage(output_dir).free < 256 * 2**20
 
 
 def save_and_evaluate(trainer: Trainer) -> dict[str, Any]:

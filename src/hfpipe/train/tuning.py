@@ -20,7 +20,7 @@ from hfpipe.data.files import cache_root, resolve_files
 from hfpipe.devices import resolve_device_settings
 from hfpipe.errors import ConfigError
 from hfpipe.evaluation.evaluate import check_config_evaluations
-from hfpipe.models.pretrained import check_model_path, load_causal_lm, load_tokenizer_from
+from hfpipe.models.pretrained import check_model_path, load_causal_lm, load_tokenizer_from, model_positions
 from hfpipe.sections import TuningArguments
 from hfpipe.train.run_settings import check_output_dir, check_report_to, derive_run_settings
 
@@ -46,6 +46,12 @@ def check_tuning(values: dict[str, Any], where: str) -> None:
     elif name not in _shipped_models():
         check_model_path(name, "model_name_or_path", where)
     check_quantization(values, where)
+    positions = model_positions(name, cache_root())
+    if positions and values.get("max_length") and values["max_length"] > positions:
+        raise ConfigError(
+            f"{where}: max_length={values['max_length']} exceeds the {positions} positions of '{name}'; set "
+            f"max_length: {positions} or less."
+        )
     check_template_name(values.get("chat_template"), where)
     sources = [values.get("train_files"), values.get("dataset_name"), values.get("datasets")]
     if sum(bool(source) for source in sources) != 1:
