@@ -1,7 +1,15 @@
-"""Pretrain recipe vs a minimal hand-written PyTorch loop: same model, data, batch, optimizer and precision.
+"""Pretrain recipe vs a minimal hand-written PyTorch loop (same model, data, batch, optimizer and precision) and, with
+--nanogpt, vs nanoGPT's own train.py run unchanged on the same corpus split.
 
     python benchmarks/pretrain_throughput.py                      # throughput: 3 alternating pairs, 300 steps
     python benchmarks/pretrain_throughput.py --full --repeats 1   # the config's full run: loss and wall time
+    python benchmarks/pretrain_throughput.py --full --repeats 2 --nanogpt /path/to/nanoGPT   # a checkout of it
+
+nanoGPT (github.com/karpathy/nanoGPT, not shipped here) runs its config/train_shakespeare_char.py with the CPU
+flags of its README (4x4x128, context 64, batch 12, 2000 iterations, dropout 0, no compile) on train.bin/val.bin
+written from this config's train/validation files with its own character encoding. Both final models are then
+scored on the same validation characters: the first 240 windows of 64 characters of the validation text (the
+recipe's eval blocks hold the same count), mean loss over the 63 predictions of each window.
 
 Both runs use the recipe's own tokenizer and cached blocks. Tokens/s counts training steps only (evaluation
 and saving excluded) for both; wall time is the training phase (steps, evaluations, checkpoints), without
@@ -101,6 +109,94 @@ def evaluate(model: torch.nn.Module, validation: torch.Tensor, batch_size: int) 
     return sum(losses) / len(losses)
 
 
+NANOGPT_FILES = ("train.py", "model.py", "configurator.py", "config/train_shakespeare_char.py")
+NANOGPT_CPU_FLAGS = [  # the "I only have a macbook" line of nanoGPT's README
+    "--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64", "--batch_size=12",
+    "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0",
+]  # fmt: skip
+WINDOWS, WINDOW = 240, 64
+
+
+def split_texts(parsed) -> dict[str, str]:
+    """The config's training and validation text, each file's text joined by a blank line."""
+    from hfpipe.data.files import resolve_files
+
+    data_args = parsed.get(DataArguments)
+    return {
+        split: "\n\n".join(Path(file).read_text(encoding="utf-8") for file in resolve_files(patterns, split, "bench"))
+        for split, patterns in (("train", data_args.train_files), ("val", data_args.validation_files))
+    }
+
+
+def nanogpt_run(nanogpt: Path, texts: dict[str, str], work: Path, env: dict[str, str]) -> dict:
+    """nanoGPT's train.py, unchanged, on the same split; its ms/iteration and wall time, and its final model's loss
+    on the shared validation windows."""
+    import pickle
+    import re
+    import shutil
+    import subprocess
+
+    import numpy as np
+
+    for name in NANOGPT_FILES:
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(nanogpt / name, work / name)
+    data = work / "data" / "shakespeare_char"
+    data.mkdir(parents=True)
+    chars = sorted(set(texts["train"]) | set(texts["val"]))
+    stoi = {char: index for index, char in enumerate(chars)}
+    for split, text in texts.items():
+        np.array([stoi[char] for char in text], dtype=np.uint16).tofile(data / f"{split}.bin")
+    with open(data / "meta.pkl", "wb") as handle:  # the format of nanoGPT's prepare.py, read by its train.py
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}, handle)
+    start = time.perf_counter()
+    output = subprocess.run(
+        [sys.executable, "train.py", "config/train_shakespeare_char.py", *NANOGPT_CPU_FLAGS],
+        cwd=work, env=env, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    wall = time.perf_counter() - start
+    iteration_ms = [float(ms) for ms in re.findall(r"^iter \d+: loss [0-9.]+, time ([0-9.]+)ms", output, re.M)]
+    sys.path.insert(0, str(work))
+    try:
+        from model import GPT, GPTConfig  # nanoGPT's model.py, as copied above
+    finally:
+        sys.path.pop(0)
+    checkpoint = torch.load(work / "out-shakespeare-char" / "ckpt.pt", map_location="cpu", weights_only=True)
+    model = GPT(GPTConfig(**checkpoint["model_args"]))
+    model.load_state_dict({key.removeprefix("_orig_mod."): value for key, value in checkpoint["model"].items()})
+    windows = validation_windows(texts["val"], lambda text: [stoi[char] for char in text])
+    with torch.no_grad():
+        model.eval()
+        logits, _ = model(windows, windows)  # with targets, nanoGPT returns logits at every position
+    return {
+        "ms_per_iteration": statistics.median(iteration_ms[1:]),  # the first includes warm-up
+        "wall_seconds": wall,
+        "own_val_loss": float(re.findall(r"val loss ([0-9.]+)", output)[-1]),
+        "shared_val_loss": shifted_loss(logits, windows),
+    }
+
+
+def validation_windows(text: str, encode) -> torch.Tensor:
+    """The shared validation windows: the first WINDOWS stretches of WINDOW characters of the validation text."""
+    return torch.tensor([encode(text[i * WINDOW : (i + 1) * WINDOW]) for i in range(WINDOWS)])
+
+
+def shifted_loss(logits: torch.Tensor, windows: torch.Tensor) -> float:
+    """Mean cross-entropy of the next-character predictions within each window."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), windows[:, 1:].flatten()).item()
+
+
+def recipe_shared_loss(output_dir: Path, text: str) -> float:
+    """The recipe's final model scored on the shared validation windows (its char tokenizer: one id per character)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    model = AutoModelForCausalLM.from_pretrained(output_dir).eval()
+    windows = validation_windows(text, tokenizer.convert_tokens_to_ids)
+    with torch.no_grad():
+        return shifted_loss(model(input_ids=windows).logits, windows)
+
+
 def recipe_run(config: str, flags: list[str], output_dir: Path) -> dict:
     """Run recipes/pretrain.py in this process and return the same figures as the hand-written loop."""
     spec = importlib.util.spec_from_file_location("recipe_pretrain", ROOT / "recipes" / "pretrain.py")
@@ -122,7 +218,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="steps per throughput run (ignored with --full)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--full", action="store_true", help="run the config's own max_steps with its evaluations")
+    parser.add_argument("--nanogpt", type=Path, help="a nanoGPT checkout: also run its train.py (with --full)")
     options = parser.parse_args()
+    if options.nanogpt and not (options.full and options.config.endswith("shakespeare_char.yaml")):
+        parser.error("--nanogpt compares the full run of configs/pretrain/shakespeare_char.yaml: add --full")
 
     flags = [] if options.full else ["--max_steps", str(options.steps), "--eval_strategy", "no"]
     parsed = parse_pretrain(["--config", options.config, "--output_dir", "/tmp/unused", *flags])
@@ -139,7 +238,14 @@ def main() -> None:
             hand = handwritten_run(parsed, tokenizer, blocks, eval_every, Path(scratch))
             recipe = recipe_run(options.config, flags, Path(scratch) / f"recipe{repeat}")
             runs.append({"handwritten": hand, "recipe": recipe})
-            print(f"repeat {repeat}: recipe {recipe} | hand-written {hand}", flush=True)
+            if options.nanogpt:
+                texts = split_texts(parsed)
+                recipe["shared_val_loss"] = recipe_shared_loss(Path(scratch) / f"recipe{repeat}", texts["val"])
+                tokens_per_step = args.per_device_train_batch_size * parsed.get(DataArguments).block_size
+                recipe["ms_per_step"] = 1000 * tokens_per_step / recipe["tokens_per_second"]  # training steps only
+                work = Path(scratch) / f"nanogpt{repeat}"
+                runs[-1]["nanogpt"] = nanogpt_run(options.nanogpt, texts, work, {**os.environ})
+            print(f"repeat {repeat}: {runs[-1]}", flush=True)
 
     ratios = [run["recipe"]["tokens_per_second"] / run["handwritten"]["tokens_per_second"] for run in runs]
     result = {
@@ -166,11 +272,43 @@ def main() -> None:
             run["recipe"]["train_wall_seconds"] / run["handwritten"]["train_wall_seconds"] for run in runs
         ),
     }
+    if options.nanogpt:
+        result["median_recipe_over_nanogpt_speed"] = statistics.median(
+            run["nanogpt"]["ms_per_iteration"] / run["recipe"]["ms_per_step"] for run in runs
+        )
+        result["median_shared_val_loss"] = {
+            name: statistics.median(run[name]["shared_val_loss"] for run in runs) for name in ("recipe", "nanogpt")
+        }
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "pretrain_throughput_full.json" if options.full else "pretrain_throughput.json"
+    name = "pretrain_vs_nanogpt.json" if options.nanogpt else name
     (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
-    write_table()
+    if options.nanogpt:
+        write_nanogpt_table(result)
+    else:
+        write_table()
+
+
+def write_nanogpt_table(result: dict) -> None:
+    """The recipe against nanoGPT in benchmarks/README.md."""
+    median = lambda name, key: statistics.median(run[name][key] for run in result["runs"])  # noqa: E731
+    table = "\n".join(
+        [
+            f"{result['config']}, full run, OMP_NUM_THREADS={result['omp_num_threads']}, {len(result['runs'])} "
+            f"alternating rounds. Recipe / nanoGPT speed: **{result['median_recipe_over_nanogpt_speed']:.2f}x**",
+            "",
+            "| contender | ms per training step | wall s (process) | val loss, shared windows | val loss, own report |",
+            "| --- | --- | --- | --- | --- |",
+            f"| recipes/pretrain.py | {median('recipe', 'ms_per_step'):.1f} | "
+            f"{median('recipe', 'train_wall_seconds'):.0f} (training phase) | "
+            f"{median('recipe', 'shared_val_loss'):.4f} | {median('recipe', 'eval_loss'):.4f} |",
+            f"| nanoGPT train.py | {median('nanogpt', 'ms_per_iteration'):.1f} | "
+            f"{median('nanogpt', 'wall_seconds'):.0f} | "
+            f"{median('nanogpt', 'shared_val_loss'):.4f} | {median('nanogpt', 'own_val_loss'):.4f} |",
+        ]
+    )
+    write_marked_table("pretrain-nanogpt-table", table)
 
 
 def write_table() -> None:

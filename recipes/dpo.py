@@ -10,6 +10,9 @@ same command again resumes from the last checkpoint.
 
 from __future__ import annotations
 
+import hfpipe  # noqa: F401 (first: it quiets the libraries' start-up noise before they load)
+
+# isort: split
 from collections.abc import Sequence
 
 from trl import DPOConfig, DPOTrainer

@@ -8,6 +8,9 @@ steps on a slice of the data. Running the same command again resumes from the la
 
 from __future__ import annotations
 
+import hfpipe  # noqa: F401 (first: it quiets the libraries' start-up noise before they load)
+
+# isort: split
 from collections.abc import Sequence
 
 from transformers import Trainer, TrainingArguments, default_data_collator, set_seed

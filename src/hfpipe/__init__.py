@@ -1,5 +1,6 @@
 """hfpipe: pretrain, fine-tune, align, evaluate and publish causal language models from one YAML file."""
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -35,3 +36,6 @@ def turn_off_telemetry() -> None:
 
 
 turn_off_telemetry()
+# bitsandbytes (imported by every `import peft`) warns on CPUs with AVX512-BF16 that the optional `kernels` package,
+# which would download a kernel from the Hub, is missing; its own CPU path works, so the warning only adds noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
