@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from trl import DPOConfig, DPOTrainer
 
-from hfpipe.data import load_splits
+from hfpipe.data import count_pair_tokens, load_splits, preference_preparer
 from hfpipe.errors import exit_on_user_error
 from hfpipe.rundir import REWARD_PLOT
 from hfpipe.train import dpo, load_tokenizer, sample_prompts, start_run
@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     run = start_run("dpo", parsed)
     with training_args.main_process_first(desc="loading the tokenizer and data"):
         tokenizer, template_choice, model_path = load_tokenizer(parsed)
-        prepare, count = dpo.preference_preparer(tokenizer, max_length), dpo.count_pair_tokens(tokenizer, max_length)
+        prepare, count = preference_preparer(tokenizer, max_length), count_pair_tokens(tokenizer, max_length)
         splits, table = load_splits(parsed, tokenizer, run.run_args.smoke, prepare=prepare, count_tokens=count)
     policy = dpo.load_policy(parsed, model_path, tokenizer, len(splits["train"]))
     dpo.print_setup(training_args, policy, table, template_choice, run.device)

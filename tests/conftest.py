@@ -136,6 +136,22 @@ def tiny_gpt2_dir(tiny_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.fixture(scope="session")
+def long_context_gpt2_dir(tiny_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-layer GPT-2 with 1024 positions and the tiny tokenizer: stands in for an earlier stage's output in the
+    shipped configs, whose lengths the 64 positions of the tiny GPT-2 would refuse."""
+    from transformers import AutoTokenizer
+
+    from hfpipe.models.gpt2 import build_gpt2
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    model = build_gpt2({"n_layer": 1, "n_head": 1, "n_embd": 8, "n_positions": 1024}, 0.0, tokenizer)
+    directory = tmp_path_factory.mktemp("gpt2-1024")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
 def pretrain_main() -> Callable[..., dict]:
     """The pretrain recipe's main(), imported from recipes/pretrain.py."""
     return load_recipe("pretrain").main

@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT, write_config
 
 from hfpipe.cli import main as hfpipe_main
-from hfpipe.devices import cpu_has_native_bf16
+from hfpipe.devices import cpu_bf16_decision
 from hfpipe.stages import STAGES, stage_named_in
 from hfpipe.train.pretrain import parse as parse_pretrain
 from hfpipe.train.sft import parse as parse_sft
@@ -36,18 +36,18 @@ def test_every_shipped_config_starts_with_its_command(path: Path) -> None:
 
 @pytest.mark.parametrize("path", RECIPE_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_recipe_config_parses(
-    path: Path, monkeypatch: pytest.MonkeyPatch, tiny_gpt2_dir: Path, tmp_path: Path
+    path: Path, monkeypatch: pytest.MonkeyPatch, long_context_gpt2_dir: Path, tmp_path: Path
 ) -> None:
     monkeypatch.chdir(ROOT)
     recipe = stage_named_in(path)
     parse = STAGES[recipe].parse
     flags = ["--output_dir", str(tmp_path / "run")]
     if "model_name_or_path: outputs/" in path.read_text():  # an earlier stage's output, absent in a fresh clone
-        flags += ["--model_name_or_path", str(tiny_gpt2_dir)]
+        flags += ["--model_name_or_path", str(long_context_gpt2_dir)]
     parsed = parse(["--config", str(path.relative_to(ROOT)), *flags])
     training_args = parsed.values[0]
-    # No GPU here: the device default (bf16 only for SFT on a CPU with bf16 instructions), not TRL's bf16 crash.
-    assert training_args.bf16 is (recipe == "sft" and cpu_has_native_bf16())
+    # No GPU here: the device default (bf16 only for SFT where the CPU probe measured it faster), not TRL's bf16 crash.
+    assert training_args.bf16 is (recipe == "sft" and cpu_bf16_decision().bf16)
     assert training_args.output_dir == str(tmp_path / "run")
 
 
@@ -229,7 +229,7 @@ def test_run_settings_that_fail_after_loading_are_refused_by_check(
     expected: list[str],
     tmp_path: Path,
     corpus: Path,
-    tiny_gpt2_dir: Path,
+    long_context_gpt2_dir: Path,
     capsys,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -240,7 +240,7 @@ def test_run_settings_that_fail_after_loading_are_refused_by_check(
     monkeypatch.setattr(
         os, "access", lambda path, mode, **kw: Path(path) != tmp_path / "locked" and real_access(path, mode, **kw)
     )
-    config = stage_config(stage, tmp_path, corpus, tiny_gpt2_dir, line.format(tmp=tmp_path))
+    config = stage_config(stage, tmp_path, corpus, long_context_gpt2_dir, line.format(tmp=tmp_path))
     err = run_expecting_error(hfpipe_main, ["check", str(config)], capsys)
     assert err.startswith(f"error: {config}: ") and len(err.splitlines()) == 1, err
     for fragment in expected:
@@ -251,14 +251,14 @@ def test_run_settings_that_fail_after_loading_are_refused_by_check(
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 @pytest.mark.parametrize("size", [0, -4])
 def test_max_length_of_zero_or_less_is_refused(
-    stage: str, size: int, tmp_path: Path, corpus: Path, tiny_gpt2_dir: Path, capsys
+    stage: str, size: int, tmp_path: Path, corpus: Path, long_context_gpt2_dir: Path, capsys
 ) -> None:
-    config = stage_config(stage, tmp_path, corpus, tiny_gpt2_dir, f"max_length: {size}")
+    config = stage_config(stage, tmp_path, corpus, long_context_gpt2_dir, f"max_length: {size}")
     err = run_expecting_error(hfpipe_main, ["check", str(config)], capsys)
     assert f"{config}: max_length: {size} must be greater than 0" in err
     err = run_expecting_error(
         hfpipe_main,
-        ["check", str(stage_config(stage, tmp_path, corpus, tiny_gpt2_dir, "")), "--max_length", "0"],
+        ["check", str(stage_config(stage, tmp_path, corpus, long_context_gpt2_dir, "")), "--max_length", "0"],
         capsys,
     )
     assert "command line: max_length: 0 must be greater than 0" in err
@@ -266,7 +266,7 @@ def test_max_length_of_zero_or_less_is_refused(
 
 @pytest.mark.parametrize("value", ["none", "all", "tensorboard", "[tensorboard, wandb]", "[all]"])
 def test_every_report_to_transformers_accepts_is_accepted(
-    value: str, tmp_path: Path, corpus: Path, tiny_gpt2_dir: Path
+    value: str, tmp_path: Path, corpus: Path, long_context_gpt2_dir: Path
 ) -> None:
-    config = stage_config("sft", tmp_path, corpus, tiny_gpt2_dir, f"report_to: {value}")
+    config = stage_config("sft", tmp_path, corpus, long_context_gpt2_dir, f"report_to: {value}")
     parse_sft(["--config", str(config)])

@@ -331,6 +331,7 @@ datasets:
   - path: {pairs}
     fraction: 1
 test_split_size: 0.25
+max_length: 64
 """
     )
     parsed = parse_sft(["--config", str(config)])
@@ -382,3 +383,25 @@ def test_too_few_rows_to_hold_out_validation_is_one_clear_line(
     last = err.splitlines()[-1]
     assert "Traceback" not in err and last.startswith(f"error: {config}: ") and "train.jsonl" in last, err
     assert f"{len(rows)} training row" in last and "validation_files" in last and advice in last
+
+
+def test_greedy_stop_rate_in_batches_counts_as_one_prompt_at_a_time(tiny_gpt2_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hfpipe.train.sft import greedy_stop_rate
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    eos = tokenizer.eos_token_id
+    prompts = ["the king speaks", "my lady and the sword", "what night is this", "go stay know think", "x " * 60]
+    with torch.no_grad():  # EOS aligned with the end of the first prompt: some prompts stop, some do not
+        ids = tokenizer(prompts[0], return_tensors="pt", add_special_tokens=False)["input_ids"]
+        hidden = model.transformer(ids).last_hidden_state[0, -1]
+        model.lm_head.weight[eos] = 4 * hidden / hidden.norm()
+    one_by_one = []
+    for prompt in prompts[:-1]:  # the last leaves no room in the 64 positions: skipped, but counted
+        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        output = model.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        one_by_one.append(int(output[0, -1] == eos))
+    assert 0 < sum(one_by_one) < len(one_by_one)
+    assert greedy_stop_rate(model, tokenizer, prompts, max_new_tokens=12) == sum(one_by_one) / len(prompts)

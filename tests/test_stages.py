@@ -35,7 +35,7 @@ def toy_stage(monkeypatch: pytest.MonkeyPatch) -> Stage:
 def _toy_config(path: Path, model: Path, rows: Path) -> Path:
     path.write_text(
         f"# accelerate launch recipes/toy.py --config {path.name}\n"
-        f"model_name_or_path: {model}\ntrain_files: [{rows}]\noutput_dir: {path.parent / 'toy-run'}\n"
+        f"model_name_or_path: {model}\ntrain_files: [{rows}]\nmax_length: 64\noutput_dir: {path.parent / 'toy-run'}\n"
     )
     return path
 
@@ -116,3 +116,25 @@ def test_a_stage_without_a_rank_is_never_picked(toy_stage: Stage, tmp_path: Path
     _finished_run(tmp_path / "sft-run", "sft")
     _finished_run(tmp_path / "toy-run", "toy")
     assert latest_finished_run(tmp_path) == (tmp_path / "sft-run", "sft")
+
+
+def test_a_pipeline_stage_after_a_reward_model_starts_from_the_model_before_it(tmp_path: Path, tiny_gpt2_dir: Path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "a b c"}\n' * 8)
+    configs = {}
+    for stage in ("sft", "reward", "dpo"):
+        configs[stage] = tmp_path / f"{stage}.yaml"
+        configs[stage].write_text(f"# accelerate launch recipes/{stage}.py --config x.yaml\nmax_steps: 2\n")
+    pipeline = tmp_path / "pipeline.yaml"
+    stages_text = "".join(f"  - {{name: {stage}, config: {configs[stage]}}}\n" for stage in configs)
+    pipeline.write_text(f"stages:\n{stages_text}  - {{name: check, eval: {{text: [{rows}]}}}}\n")
+    stages, _, _ = read_pipeline(pipeline)
+    assert [(stage.name, stage.source) for stage in stages] == [
+        ("sft", None),
+        ("reward", "sft"),
+        ("dpo", "sft"),
+        ("check", "dpo"),
+    ]
+    pipeline.write_text(f"stages:\n{stages_text.replace('{name: dpo,', '{name: dpo, from: reward,')}")
+    with pytest.raises(Exception, match="from: 'reward' is not an earlier training stage whose model generates"):
+        read_pipeline(pipeline)

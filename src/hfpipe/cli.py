@@ -36,6 +36,7 @@ def run_tool(name: str, argv: Sequence[str]) -> None:
 
 def check(config: Path, recipe: str | None, overrides: Sequence[str], show_samples: int = 0) -> None:
     """Validate a config as its recipe would and print the resolved settings; train nothing."""
+    from hfpipe.devices import cpu_bf16_decision, has_accelerator
     from hfpipe.rundir import is_finished, last_complete_checkpoint, lock_holder
 
     if not config.is_file():
@@ -53,6 +54,8 @@ def check(config: Path, recipe: str | None, overrides: Sequence[str], show_sampl
     settings.pop("overwrite_output_dir", None)
     print(f"# {config}: valid for recipes/{recipe}.py")
     print(yaml.safe_dump(public_settings(settings), sort_keys=False), end="")
+    if recipe == "sft" and not has_accelerator() and "bf16" not in parsed.user_keys:
+        print(f"# bf16: {cpu_bf16_decision().reason}")
     output_dir = Path(settings["output_dir"])
     holder = lock_holder(output_dir)
     if holder is not None:

@@ -34,6 +34,8 @@ class Stage:
     pick_rank: int | None = None  # with no model named, tools pick the newest run of the highest rank; None: never
     in_pipeline: bool = True  # `hfpipe pipeline` may run it
     starts_from_previous: bool = True  # in a pipeline, it starts from the previous training stage's output
+    generates: bool = True  # its runs are causal LMs (False: a scorer, such as a reward model: no generate/chat/serve)
+    pipeline_tag: str = "text-generation"  # the Hub's task of its runs
 
     @property
     def recipe(self) -> Path:
@@ -89,6 +91,18 @@ register(
         card_tags=("trl",),
         instruction_layout=True,
         pick_rank=2,
+    )
+)
+
+
+register(
+    Stage(
+        "reward",
+        "hfpipe.train.reward",
+        card_title="Reward model",
+        card_tags=("trl", "reward-model"),
+        generates=False,
+        pipeline_tag="text-classification",
     )
 )
 

@@ -2,7 +2,8 @@
 formats and preference rows, chat templates, tokenizers trained from scratch, and the shipped corpus."""
 
 from hfpipe.data.files import load_raw_splits
+from hfpipe.data.preference_rows import count_pair_tokens, preference_preparer
 from hfpipe.data.sft_rows import prepare_sft_rows
 from hfpipe.data.sources import load_splits
 
-__all__ = ["load_raw_splits", "load_splits", "prepare_sft_rows"]
+__all__ = ["count_pair_tokens", "load_raw_splits", "load_splits", "preference_preparer", "prepare_sft_rows"]

@@ -149,3 +149,20 @@ def check_pair_lengths(
         keep = sorted(set(range(len(dataset))) - set(too_long))
         dataset, lengths = dataset.select(keep), [lengths[index] for index in keep]
     return dataset, sum(chosen + rejected for chosen, rejected in lengths)
+
+
+def preference_preparer(tokenizer: PreTrainedTokenizerBase, max_length: int):
+    """The row preparer for `data.sources.load_splits`: preference rows converted, then checked against max_length
+    per source, so that an error names the file and row."""
+
+    def prepare(source: Source, chat: bool, data_args: TuningArguments) -> tuple[Dataset, str, int]:
+        converted, row_format, skipped = prepare_preference_rows(source, chat, data_args)
+        converted, _ = check_pair_lengths(converted, tokenizer, max_length, data_args.skip_bad_rows, source.name)
+        return converted, row_format, skipped
+
+    return prepare
+
+
+def count_pair_tokens(tokenizer: PreTrainedTokenizerBase, max_length: int):
+    """Token counter for the source table: prompt + chosen + prompt + rejected per row."""
+    return lambda dataset: check_pair_lengths(dataset, tokenizer, max_length, True, "")[1]

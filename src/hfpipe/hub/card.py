@@ -44,23 +44,23 @@ def hub_datasets(settings: dict[str, Any]) -> list[str]:
     return [name for name in dict.fromkeys(names) if name and not looks_local(name) and name not in FILE_BUILDERS]
 
 
-def usage(repo_id: str, kind: str, base: str | None) -> str:
-    """A short Python snippet that loads the pushed model."""
+def usage(repo_id: str, kind: str, base: str | None, task: str = "CausalLM") -> str:
+    """A short Python snippet that loads the pushed model (`task`: CausalLM, or SequenceClassification for a scorer)."""
     if kind == "adapter":
         return (
-            "from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
-            f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")\n'
+            f"from peft import AutoPeftModelFor{task}\nfrom transformers import AutoTokenizer\n\n"
+            f'model = AutoPeftModelFor{task}.from_pretrained("{repo_id}")\n'
             f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")'
         )
     snippet = (
-        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")\n'
+        f"from transformers import AutoModelFor{task}, AutoTokenizer\n\n"
+        f'model = AutoModelFor{task}.from_pretrained("{repo_id}")\n'
         f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")'
     )
     if kind == "both":
         snippet += (
             "\n\n# The adapter alone, onto its base:\nfrom peft import PeftModel\n\n"
-            f'base = AutoModelForCausalLM.from_pretrained("{base}")\n'
+            f'base = AutoModelFor{task}.from_pretrained("{base}")\n'
             f'adapted = PeftModel.from_pretrained(base, "{repo_id}", subfolder="{ADAPTER_SUBFOLDER}")'
         )
     return snippet
@@ -80,7 +80,7 @@ def model_card(run_dir: Path, repo_id: str, upload: Upload) -> ModelCard:
         base_model=base,
         datasets=hub_datasets(settings) or None,
         library_name="peft" if upload.kind == "adapter" else "transformers",
-        pipeline_tag="text-generation",
+        pipeline_tag=stage.pipeline_tag,
         tags=tags,
     )
     name = settings.get("model_name_or_path")
@@ -95,10 +95,10 @@ def model_card(run_dir: Path, repo_id: str, upload: Upload) -> ModelCard:
             "## Use it",
             "",
             "```python",
-            usage(repo_id, upload.kind, upload.base),
+            usage(repo_id, upload.kind, upload.base, "CausalLM" if stage.generates else "SequenceClassification"),
             "```",
             "",
-            f"or chat with it: `hfpipe chat {repo_id}`.",
+            f"or chat with it: `hfpipe chat {repo_id}`." if stage.generates else "It scores a text with one number.",
             "",
             "## Training",
             "",

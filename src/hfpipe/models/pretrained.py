@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     BitsAndBytesConfig,
     PreTrainedModel,
@@ -91,11 +92,49 @@ def load_causal_lm(
 ) -> PreTrainedModel:
     """Load a pretrained causal LM from safetensors weights, quantized by bitsandbytes when `quantization_config` is
     given (on this process's GPU, else on the CPU); a load failure is a one-line ConfigError."""
+    model = _from_pretrained(AutoModelForCausalLM, name, revision, dtype, attn, trust_remote_code, quantization_config)
+    return with_causal_lm_loss(model)
+
+
+def load_reward_model(
+    name: str,
+    revision: str,
+    dtype: str | None,
+    attn: str | None,
+    trust_remote_code: bool,
+    quantization_config: BitsAndBytesConfig | None = None,
+) -> PreTrainedModel:
+    """Load a model that scores a sequence with one number: a reward model's dir, or a causal LM's body with a new
+    one-output head (AutoModelForSequenceClassification, num_labels 1). Arguments as `load_causal_lm`'s."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a causal LM has no score head yet: its load report says so, at length
+    try:
+        model = _from_pretrained(
+            AutoModelForSequenceClassification, name, revision, dtype, attn, trust_remote_code, quantization_config,
+            num_labels=1,
+        )  # fmt: skip
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model
+
+
+def _from_pretrained(
+    auto_class: type,
+    name: str,
+    revision: str,
+    dtype: str | None,
+    attn: str | None,
+    trust_remote_code: bool,
+    quantization_config: BitsAndBytesConfig | None,
+    **kwargs: object,
+) -> PreTrainedModel:
     device_map = None
     if quantization_config is not None:  # bitsandbytes places quantized weights at load: this process's device
         device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))} if torch.cuda.is_available() else "cpu"
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        return auto_class.from_pretrained(
             name,
             revision=revision,
             dtype=dtype or "auto",
@@ -104,7 +143,7 @@ def load_causal_lm(
             use_safetensors=True,
             quantization_config=quantization_config,
             device_map=device_map,
+            **kwargs,
         )
     except OSError as error:
         raise ConfigError(f"model_name_or_path: '{name}' could not be loaded: {str(error).splitlines()[0]}") from None
-    return with_causal_lm_loss(model)

@@ -11,7 +11,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hfpipe.errors import ConfigError
 from hfpipe.models.pretrained import load_causal_lm, load_tokenizer_from, looks_local
-from hfpipe.rundir import ADAPTER_CONFIG, GENERATION_CONFIG, MODEL_CONFIG, adapter_base
+from hfpipe.rundir import ADAPTER_CONFIG, GENERATION_CONFIG, MODEL_CONFIG, adapter_base, stage_of
+from hfpipe.stages import STAGES
 
 
 @dataclass
@@ -36,6 +37,12 @@ def check_model_source(name: str) -> str:
     path = Path(resolved).expanduser()
     if not path.is_dir():
         raise ConfigError(f"{name}: no such model directory. Give a run's output dir, a .gguf file or a Hub id.")
+    stage = STAGES.get(stage_of(path) or "")
+    if stage is not None and not stage.generates:
+        raise ConfigError(
+            f"{name}: a {stage.name} run scores text ({stage.card_title.lower()}); it does not generate. Give a run "
+            "that generates (pretrain, sft, dpo, ...)."
+        )
     base = adapter_base(path)
     if base is None:
         if not (path / MODEL_CONFIG).is_file():

@@ -83,10 +83,14 @@ def read_pipeline(path: Path) -> tuple[list[Stage], list[str], int]:
 
 
 def _read_stage(raw: dict[str, Any], name: str, where: str, earlier: list[Stage]) -> Stage:
-    trained = [stage.name for stage in earlier if stage.recipe != "eval"]
+    # A stage starts from (an eval evaluates) the latest earlier model that generates: not a reward model.
+    trained = [stage.name for stage in earlier if stage.recipe != "eval" and STAGES[stage.recipe].generates]
     source = raw.get("from", trained[-1] if trained else None)
     if source is not None and source not in trained:
-        raise ConfigError(f"{where}: from: '{source}' is not an earlier training stage.{did_you_mean(source, trained)}")
+        raise ConfigError(
+            f"{where}: from: '{source}' is not an earlier training stage whose model generates."
+            f"{did_you_mean(source, trained)}"
+        )
     launch_args = raw.get("launch_args", [])
     if not isinstance(launch_args, list):
         raise ConfigError(f"{where}: launch_args: expected a list, e.g. [--config_file, configs/accelerate/ddp.yaml].")
@@ -238,8 +242,9 @@ def run_pipeline(path: Path, start: str | None) -> None:
                 print(line, file=sys.stderr)
             raise SystemExit(code)
     print(f"\n=== summary: {path}\n{summary_table(stages, seconds)}", flush=True)
-    final = [stage for stage in stages if stage.recipe != "eval"][-1]
-    if prompts:
+    generators = [stage for stage in stages if stage.recipe != "eval" and STAGES[stage.recipe].generates]
+    if prompts and generators:
+        final = generators[-1]
         print(f"\n=== answers of the final model ({final.output_dir}), greedy", flush=True)
         flags = [arg for prompt in prompts for arg in ("--prompt", prompt)]
         generate = [str(Path(sys.executable).parent / "hfpipe"), "generate", str(final.output_dir), *flags]

@@ -1,5 +1,5 @@
-"""Training: the run every recipe shares (start, train, finish), the stages' configs (pretrain, sft, dpo, and what
-fine-tuning stages share in tuning), the SFT trainer, callbacks, plots and reports."""
+"""Training: the run every recipe shares (start, train, finish), the stages' configs (pretrain, sft, dpo, reward,
+and what fine-tuning stages share in tuning), the SFT trainer, callbacks, plots and reports."""
 
 from hfpipe.train.callbacks import RankReportCallback
 from hfpipe.train.run import Run, start_run

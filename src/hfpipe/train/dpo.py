@@ -15,15 +15,13 @@ from trl import DatasetMixtureConfig, DPOConfig, ModelConfig
 
 from hfpipe.config import ParsedConfig
 from hfpipe.config import parse as parse_config
-from hfpipe.data.preference_rows import check_pair_lengths, prepare_preference_rows
-from hfpipe.data.sources import Source
 from hfpipe.devices import device_defaults
 from hfpipe.errors import ConfigError
 from hfpipe.evaluation.evaluate import EvalArguments
 from hfpipe.hub.publish import check_hub_settings
 from hfpipe.models.pretrained import looks_local
 from hfpipe.rundir import MERGED_SFT_DIR, adapter_base
-from hfpipe.sections import DPOArguments, RunArguments, TuningArguments
+from hfpipe.sections import DPOArguments, RunArguments
 from hfpipe.train.run_settings import RUN_DEFAULTS
 from hfpipe.train.tuning import (
     check_tuning,
@@ -116,23 +114,6 @@ def parse(argv: Sequence[str] | None = None) -> ParsedConfig:
 def resolved_settings(parsed: ParsedConfig) -> dict[str, Any]:
     """What the user wrote plus what hfpipe derived, with the reference choice."""
     return {**tuning_settings(parsed), "reference": parsed.get(DPOArguments).reference}
-
-
-def preference_preparer(tokenizer: PreTrainedTokenizerBase, max_length: int):
-    """The row preparer for `finetuning.load_splits`: preference rows converted, then checked against max_length
-    per source, so that an error names the file and row."""
-
-    def prepare(source: Source, chat: bool, data_args: TuningArguments) -> tuple[Dataset, str, int]:
-        converted, row_format, skipped = prepare_preference_rows(source, chat, data_args)
-        converted, _ = check_pair_lengths(converted, tokenizer, max_length, data_args.skip_bad_rows, source.name)
-        return converted, row_format, skipped
-
-    return prepare
-
-
-def count_pair_tokens(tokenizer: PreTrainedTokenizerBase, max_length: int):
-    """Token counter for the source table: prompt + chosen + prompt + rejected per row."""
-    return lambda dataset: check_pair_lengths(dataset, tokenizer, max_length, True, "")[1]
 
 
 @dataclass

@@ -30,17 +30,24 @@ def plot_losses(log_history: list[dict[str, Any]], path: Path, title: str) -> No
     plt.close(figure)
 
 
-def plot_rewards(log_history: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Plot DPO's held-out reward accuracy and margin against the optimizer step into a PNG file."""
-    evaluations = [entry for entry in log_history if "eval_rewards/accuracies" in entry]
+def plot_rewards(
+    log_history: list[dict[str, Any]],
+    path: Path,
+    title: str,
+    accuracy: str = "eval_rewards/accuracies",
+    margin: str = "eval_rewards/margins",
+) -> None:
+    """Plot the held-out reward accuracy and margin (DPO's implicit rewards by default; a reward model's
+    `eval_accuracy` / `eval_margin`) against the optimizer step into a PNG file."""
+    evaluations = [entry for entry in log_history if accuracy in entry]
     steps = [entry["step"] for entry in evaluations]
     figure, accuracy_axes = plt.subplots(figsize=(7, 4), dpi=120)
-    accuracy_axes.plot(steps, [e["eval_rewards/accuracies"] for e in evaluations], "o-", label="reward accuracy")
+    accuracy_axes.plot(steps, [e[accuracy] for e in evaluations], "o-", label="reward accuracy")
     accuracy_axes.set_ylim(0, 1.05)
     accuracy_axes.set_xlabel("optimizer step")
     accuracy_axes.set_ylabel("held-out accuracy (chosen reward > rejected)")
     margin_axes = accuracy_axes.twinx()
-    margin_axes.plot(steps, [e["eval_rewards/margins"] for e in evaluations], "s--", color="tab:orange", label="margin")
+    margin_axes.plot(steps, [e[margin] for e in evaluations], "s--", color="tab:orange", label="margin")
     margin_axes.set_ylabel("reward margin (chosen - rejected)")
     lines = accuracy_axes.get_lines() + margin_axes.get_lines()
     accuracy_axes.legend(lines, [line.get_label() for line in lines], loc="lower right")

@@ -69,8 +69,9 @@ class Run:
 
     @property
     def device(self) -> str:
-        """Where it trains, for the setup line: 'CPU, 2 threads' or 'accelerator'."""
-        return f"CPU, {self.threads} threads" if self.training_args.use_cpu else "accelerator"
+        """Where and in what precision it trains, for the setup line: 'CPU, 2 threads, fp32', 'accelerator, ...'."""
+        precision = "bf16 autocast" if self.training_args.bf16 else "fp16" if self.training_args.fp16 else "fp32"
+        return f"{f'CPU, {self.threads} threads' if self.training_args.use_cpu else 'accelerator'}, {precision}"
 
     def callbacks(self, tokenizer: PreTrainedTokenizerBase, prompts: list[str], *extra: TrainerCallback) -> list:
         """The trainer's callbacks: sample generations at each evaluation (the config's sample_prompts, else

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,11 +157,17 @@ def load_tokenizer(parsed: ParsedConfig) -> tuple[PreTrainedTokenizerBase, str, 
     return tokenizer, choice, name
 
 
-def load_model(parsed: ParsedConfig, name: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """Load the model to fine-tune, sized and configured for `tokenizer` (added tokens, EOS, pad)."""
+def load_model(
+    parsed: ParsedConfig,
+    name: str,
+    tokenizer: PreTrainedTokenizerBase,
+    loader: Callable[..., PreTrainedModel] = load_causal_lm,
+) -> PreTrainedModel:
+    """Load the model to fine-tune with `loader` (a causal LM by default; `load_reward_model` for a scorer), sized and
+    configured for `tokenizer` (added tokens, EOS, pad)."""
     model_args, training_args = parsed.get(ModelConfig), parsed.get(TrainingArguments)
     quantization = quantization_config(parsed)
-    model = load_causal_lm(
+    model = loader(
         name,
         model_args.model_revision,
         model_args.dtype,
