@@ -134,7 +134,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_the_rerun_resumes(
     with pytest.raises(SystemExit) as stopped:
         pretrain_main(flags)
     assert stopped.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    err = capsys.readouterr().err.strip().splitlines()[-1].split("\x1b[A")[-1]  # after the progress bar's cursor-up
     assert err.startswith("error: ") and "the disk is full" in err and "checkpoint-2, the last complete" in err
     run = config.parent / "run"
     assert (run / "checkpoint-2").is_dir() and not (run / "checkpoint-4").exists()
