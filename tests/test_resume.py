@@ -1,20 +1,27 @@
-"""Resume: kill -9 at any step and rerun gives the uninterrupted run's weights; SIGTERM checkpoints first."""
+"""Resume: kill -9 at any step and rerun gives the uninterrupted run's weights (pretraining; SFT, DPO and reward
+models, full and LoRA); SIGTERM checkpoints first."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from conftest import ROOT
 from safetensors.torch import load_file
+from test_dpo import write_dpo_config
+from test_reward import write_reward_config
+from test_sft import write_sft_config
 
-from hfpipe.rundir import last_complete_checkpoint
+from hfpipe.rundir import TRAINER_STATE, last_complete_checkpoint
 
 RECIPE = str(ROOT / "recipes" / "pretrain.py")
 # Dropout on, so that resuming must also restore the RNG streams to match.
@@ -32,10 +39,12 @@ RUN_FLAGS = [
 ]
 
 
-def launch(config: Path, output_dir: Path, *flags: str) -> subprocess.Popen:
+def launch(
+    config: Path, output_dir: Path, *flags: str, recipe: str = RECIPE, run_flags: Sequence[str] = RUN_FLAGS
+) -> subprocess.Popen:
     """Start the recipe in its own process, as a user would."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, RECIPE, "--config", str(config), "--output_dir", str(output_dir), *RUN_FLAGS, *flags]
+    command = [sys.executable, recipe, "--config", str(config), "--output_dir", str(output_dir), *run_flags, *flags]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -47,31 +56,100 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> Non
         time.sleep(0.02)
 
 
-def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(output_dir / "model.safetensors")
+def wait_for_checkpoint(checkpoint: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until the Trainer has written `checkpoint` completely: its last file, trainer_state.json, holds its JSON
+    (the file is there, empty, from the moment it is opened)."""
+    state = checkpoint / TRAINER_STATE
+    wait_for(state, process, timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            json.loads(state.read_text())
+            return
+        except ValueError:
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, f"{state} was not completed"
+            time.sleep(0.005)
 
 
-def test_kill_9_then_rerun_matches_an_uninterrupted_run(tiny_config) -> None:
-    config = tiny_config()
+def final_weights(output_dir: Path, weights: str = "model.safetensors") -> dict[str, torch.Tensor]:
+    return load_file(output_dir / weights)
+
+
+def assert_kill_9_resume_matches(config: Path, weights: str = "model.safetensors", **how: Any) -> str:
+    """Run `config` (with `launch`'s `how`) uninterrupted, then again killed with SIGKILL once its step-10 checkpoint
+    is complete, and rerun: the rerun resumes from the last complete checkpoint with no setting changed and ends
+    with the uninterrupted run's `weights`. Returns the rerun's output."""
     reference, interrupted = config.parent / "reference", config.parent / "interrupted"
-    assert launch(config, reference).wait() == 0
+    uninterrupted = launch(config, reference, **how)
+    uninterrupted_output = uninterrupted.communicate()[0]  # read as it runs: a full pipe would stall the recipe
+    assert uninterrupted.returncode == 0, uninterrupted_output
 
-    process = launch(config, interrupted)
-    wait_for(interrupted / "checkpoint-10" / "trainer_state.json", process)
+    process = launch(config, interrupted, **how)
+    wait_for_checkpoint(interrupted / "checkpoint-10", process)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
     assert not (interrupted / "metrics.json").exists(), "the run must have been killed before its end"
     resumed_from = last_complete_checkpoint(interrupted)
     assert resumed_from is not None
 
-    rerun = launch(config, interrupted)
+    rerun = launch(config, interrupted, **how)
     output = rerun.communicate()[0]
     assert rerun.returncode == 0, output
     assert f"Resuming from {resumed_from}" in output
     assert "resuming with a changed setting" not in output
-    expected, actual = final_weights(reference), final_weights(interrupted)
+    expected, actual = final_weights(reference, weights), final_weights(interrupted, weights)
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    return output
+
+
+def test_kill_9_then_rerun_matches_an_uninterrupted_run(tiny_config) -> None:
+    assert_kill_9_resume_matches(tiny_config())
+
+
+@pytest.fixture(scope="module")
+def dropout_gpt2_dir(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny GPT-2 with dropout 0.1 (embeddings, attention, residuals), so that resuming a fine-tune must also
+    restore the RNG streams to match (DPO and reward models turn dropout off: TRL's disable_dropout)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dropout = {"embd_pdrop": 0.1, "attn_pdrop": 0.1, "resid_pdrop": 0.1}
+    directory = tmp_path_factory.mktemp("tiny-gpt2-dropout")
+    AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir, **dropout).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(tiny_gpt2_dir).save_pretrained(directory)
+    return directory
+
+
+# Dropout in the adapters too.
+LORA = "use_peft: true\nlora_r: 4\nlora_alpha: 8\nlora_target_modules: [c_attn]\nlora_dropout: 0.1\n"
+# 21 training rows (3 held out) or 24 pairs in batches of 4, 32 reward pairs in batches of 8: 40 steps cross several
+# epochs and the kill after step 10 falls inside one, so the rerun must also restore the shuffled order and where it
+# was in it.
+TUNING_FLAGS = ["--max_steps", "40", "--eval_steps", "10", "--logging_steps", "10"]
+
+
+@pytest.mark.parametrize(
+    ("stage", "extra", "weights", "reference"),
+    [
+        ("sft", "", "model.safetensors", None),
+        ("sft", LORA, "adapter_model.safetensors", None),
+        ("dpo", "", "model.safetensors", "precompute"),
+        ("dpo", LORA, "adapter_model.safetensors", "adapter"),
+        ("reward", "", "model.safetensors", None),
+        ("reward", LORA, "adapter_model.safetensors", None),
+    ],
+    ids=["sft-full", "sft-lora", "dpo-full", "dpo-lora", "reward-full", "reward-lora"],
+)
+def test_kill_9_then_rerun_of_a_fine_tune_matches_an_uninterrupted_run(
+    stage: str, extra: str, weights: str, reference: str | None, tmp_path: Path, dropout_gpt2_dir: Path
+) -> None:
+    write = {"sft": write_sft_config, "dpo": write_dpo_config, "reward": write_reward_config}[stage]
+    config = write(tmp_path, dropout_gpt2_dir, extra=extra)
+    recipe = str(ROOT / "recipes" / f"{stage}.py")
+    assert_kill_9_resume_matches(config, weights, recipe=recipe, run_flags=TUNING_FLAGS)
+    if reference is not None:  # DPO's reference: log-probs precomputed before training, or the adapter disabled
+        assert json.loads((tmp_path / "interrupted" / "metrics.json").read_text())["reference"] == reference
 
 
 def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes(tiny_config) -> None:
