@@ -192,7 +192,7 @@ def recipe_shared_loss(output_dir: Path, text: str) -> float:
 
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     model = AutoModelForCausalLM.from_pretrained(output_dir).eval()
-    windows = validation_windows(text, tokenizer.convert_tokens_to_ids)
+    windows = validation_windows(text, lambda window: tokenizer.convert_tokens_to_ids(list(window)))
     with torch.no_grad():
         return shifted_loss(model(input_ids=windows).logits, windows)
 

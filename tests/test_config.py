@@ -7,10 +7,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import ROOT, write_config
 
 from hfpipe.cli import main as hfpipe_main
 from hfpipe.devices import cpu_bf16_decision
+from hfpipe.models.pretrained import planned_model_dirs
 from hfpipe.stages import STAGES, stage_named_in
 from hfpipe.train.pretrain import parse as parse_pretrain
 from hfpipe.train.sft import parse as parse_sft
@@ -44,7 +46,9 @@ def test_every_shipped_recipe_config_parses(
     flags = ["--output_dir", str(tmp_path / "run")]
     if "model_name_or_path: outputs/" in path.read_text():  # an earlier stage's output, absent in a fresh clone
         flags += ["--model_name_or_path", str(long_context_gpt2_dir)]
-    parsed = parse(["--config", str(path.relative_to(ROOT)), *flags])
+    # Other dirs it reads (a GRPO reward model) are other shipped configs' outputs: planned, as a pipeline plans them.
+    with planned_model_dirs({str(yaml.safe_load(other.read_text()).get("output_dir")) for other in RECIPE_CONFIGS}):
+        parsed = parse(["--config", str(path.relative_to(ROOT)), *flags])
     training_args = parsed.values[0]
     # No GPU here: the device default (bf16 only for SFT where the CPU probe measured it faster), not TRL's bf16 crash.
     assert training_args.bf16 is (recipe == "sft" and cpu_bf16_decision().bf16)

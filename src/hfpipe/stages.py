@@ -93,8 +93,26 @@ register(
         pick_rank=2,
     )
 )
-
-
+register(
+    Stage(
+        "kto",
+        "hfpipe.train.kto",
+        card_title="Preference alignment (KTO)",
+        card_tags=("trl", "kto"),
+        instruction_layout=True,
+        pick_rank=2,
+    )
+)
+register(
+    Stage(
+        "grpo",
+        "hfpipe.train.grpo",
+        card_title="Reinforcement learning with verifiable rewards (GRPO)",
+        card_tags=("trl", "grpo"),
+        instruction_layout=True,
+        pick_rank=3,
+    )
+)
 register(
     Stage(
         "reward",

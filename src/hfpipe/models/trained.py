@@ -10,7 +10,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hfpipe.errors import ConfigError
-from hfpipe.models.pretrained import load_causal_lm, load_tokenizer_from, looks_local
+from hfpipe.models.pretrained import load_causal_lm, load_reward_model, load_tokenizer_from, looks_local
 from hfpipe.rundir import ADAPTER_CONFIG, GENERATION_CONFIG, MODEL_CONFIG, adapter_base, stage_of
 from hfpipe.stages import STAGES
 
@@ -73,6 +73,48 @@ def load_for_inference(
         tokenizer.pad_token = tokenizer.eos_token  # batched generation needs a pad; GPT-2 ships none
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.eval()
+    return LoadedModel(model, tokenizer, name, base)
+
+
+def load_reward_scorer(name: str, device: str | torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A reward model dir (full, or a LoRA adapter merged onto its base) in eval mode on `device`, and the tokenizer
+    it was trained with (pad set: its score is read at the last token before padding)."""
+    from peft import PeftModel
+
+    base = adapter_base(Path(name))
+    model = load_reward_model(str(base or name), "main", None, "sdpa", False)
+    if base is not None:
+        model = PeftModel.from_pretrained(model, name).merge_and_unload()
+    tokenizer = load_tokenizer_from(name, "reward model", "main", False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device).eval(), tokenizer
+
+
+def load_scorer_for_inference(name: str, dtype: str | None = None, device: str | None = None) -> LoadedModel:
+    """A reward model run (full, or a LoRA adapter merged onto its base) for evaluation, loaded with
+    `load_reward_scorer` on `device` (GPU when present), cast to `dtype` when given; a missing dir, config or base
+    is one line before anything loads."""
+    torch_dtype = None
+    if dtype not in (None, "auto"):
+        torch_dtype = getattr(torch, dtype, None)
+        if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+            raise ConfigError(f"--dtype: '{dtype}' is not a floating-point dtype (float32, bfloat16, float16).")
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"{name}: no such reward model directory. Give a recipes/reward.py output dir.")
+    base = adapter_base(path)
+    if base is None and not (path / MODEL_CONFIG).is_file():
+        raise ConfigError(f"{name}: not a model dir (no config.json or {ADAPTER_CONFIG}).")
+    if base is not None and looks_local(base) and not Path(base).expanduser().is_dir():
+        raise ConfigError(
+            f"{name}: the adapter's base model '{base}' (base_model_name_or_path in {ADAPTER_CONFIG}) is not a "
+            "directory. Restore the base model there or edit that field."
+        )
+    model, tokenizer = load_reward_scorer(str(path), device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if torch_dtype is not None:
+        model.to(torch_dtype)
     return LoadedModel(model, tokenizer, name, base)
 
 

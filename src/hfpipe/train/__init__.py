@@ -1,4 +1,4 @@
-"""Training: the run every recipe shares (start, train, finish), the stages' configs (pretrain, sft, dpo, reward,
+"""Training: the run every recipe shares (start, train, finish), the stages' configs (pretrain, sft, dpo, kto, reward,
 and what fine-tuning stages share in tuning), the SFT trainer, callbacks, plots and reports."""
 
 from hfpipe.train.callbacks import RankReportCallback

@@ -135,13 +135,15 @@ class SampleCallback(TrainerCallback):
         write_samples(Path(args.output_dir), state.global_step, samples)
 
 
-def write_samples(output_dir: Path, step: int, samples: list[dict[str, str]]) -> None:
-    """Print samples and append them, tagged with the step, to output_dir/samples.jsonl."""
+def write_samples(output_dir: Path, step: int, samples: list[dict[str, Any]], shown: int | None = None) -> None:
+    """Print samples (the first `shown`, default all) and append them all, tagged with the step, to
+    output_dir/samples.jsonl."""
     output_dir.mkdir(parents=True, exist_ok=True)
     print(f"\n--- samples at step {step} ---")
     with open(output_dir / SAMPLES_FILE, "a", encoding="utf-8") as handle:
-        for sample in samples:
-            print(f"{sample['prompt']}{sample['completion']}\n")
+        for index, sample in enumerate(samples):
+            if shown is None or index < shown:
+                print(f"{sample['prompt']}{sample['completion']}\n")
             handle.write(json.dumps({"step": step, **sample}, ensure_ascii=False) + "\n")
 
 

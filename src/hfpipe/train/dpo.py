@@ -10,7 +10,7 @@ from typing import Any
 
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 from trl import DatasetMixtureConfig, DPOConfig, ModelConfig
 
 from hfpipe.config import ParsedConfig
@@ -135,7 +135,7 @@ def load_policy(parsed: ParsedConfig, name: str, tokenizer: PreTrainedTokenizerB
     fine-tuning it is precomputed log-probs (no second model) when training sees every row at least once, else a
     frozen copy (precomputing rows never trained on would cost more than it saves).
     """
-    dpo_args, training_args = parsed.get(DPOArguments), parsed.get(DPOConfig)
+    dpo_args, training_args = parsed.get(DPOArguments), parsed.get(TrainingArguments)  # KTO's too
     base = adapter_base(Path(name)) if looks_local(name) else None
     model = load_model(parsed, base or name, tokenizer)
     if base is not None:
@@ -195,18 +195,19 @@ def _rows_seen(training_args: DPOConfig, train_rows: int) -> float:
     return training_args.num_train_epochs * train_rows
 
 
-def reward_metrics_at_start(log_history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Held-out rewards, accuracy and log-probs at the evaluation before training (the final ones are the eval_*
-    metrics), for metrics.json.
+def reward_metrics_at_start(
+    log_history: list[dict[str, Any]], keys: Sequence[str] = (*REWARD_KEYS, "logps/chosen", "logps/rejected")
+) -> dict[str, Any]:
+    """Held-out rewards, accuracy and log-probs (`keys`, DPO's by default) at the evaluation before training (the
+    final ones are the eval_* metrics), for metrics.json.
 
     At step 0 the policy equals the reference, so every implicit reward is 0 and TRL's accuracy (chosen strictly
     above rejected) is 0; the policy's own preference (log-likelihood of chosen above rejected) is the meaningful
     "before" figure and is reported beside it.
     """
-    first = next((entry for entry in log_history if "eval_rewards/accuracies" in entry), None)
+    first = next((entry for entry in log_history if f"eval_{keys[0]}" in entry), None)
     if first is None or first.get("step") != 0:
         return {}
-    keys = (*REWARD_KEYS, "logps/chosen", "logps/rejected")
     return {f"eval_{key}_at_start": first[f"eval_{key}"] for key in keys if f"eval_{key}" in first}
 
 

@@ -56,3 +56,50 @@ def plot_rewards(
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+def plot_training_rewards(
+    log_history: list[dict[str, Any]], path: Path, title: str, heldout: dict[str, float] | None = None
+) -> None:
+    """Plot GRPO's mean reward per logging step (the weighted total and each reward's mean) into a PNG file, with
+    the held-out reward before and after (`heldout`: {"before": x, "after": y}) as markers at the ends."""
+    logged = [entry for entry in log_history if "reward" in entry and "step" in entry]
+    names = sorted({key for entry in logged for key in entry if key.startswith("rewards/") and key.endswith("/mean")})
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
+    steps = [entry["step"] for entry in logged]
+    axes.plot(steps, [entry["reward"] for entry in logged], "-", linewidth=1.8, label="training reward (weighted)")
+    for name in names:
+        axes.plot(steps, [entry.get(name) for entry in logged], "--", linewidth=1, label=name.removesuffix("/mean"))
+    if heldout:
+        last = steps[-1] if steps else 1
+        axes.plot([0, last], [heldout["before"], heldout["after"]], "ks", label="held-out reward before / after")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("mean reward")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def plot_eval_curves(log_history: list[dict[str, Any]], path: Path, title: str, keys: dict[str, str]) -> bool:
+    """Plot held-out metrics (`keys`: log key -> legend label, e.g. KTO's implicit rewards and KL, which have no
+    accuracy) against the optimizer step into a PNG file; False, with nothing written, when the log has none."""
+    series = {key: [(e["step"], e[key]) for e in log_history if key in e and "step" in e] for key in keys}
+    if not any(series.values()):
+        return False
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
+    for key, points in series.items():
+        if points:
+            axes.plot(*zip(*points, strict=True), "o-", label=keys[key], linewidth=1.5)
+    axes.axhline(0.0, color="grey", linewidth=0.8)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("held-out value")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return True

@@ -181,9 +181,10 @@ def load_model(
         keep_4bit_layers_trainable(model)
     fit_model_to_tokenizer(model, tokenizer)
     positions = getattr(model.config, "max_position_embeddings", None)
-    if positions and training_args.max_length and training_args.max_length > positions:
+    max_length = getattr(training_args, "max_length", None)  # GRPO has none: prompts + max_completion_length
+    if positions and max_length and max_length > positions:
         raise ConfigError(
-            f"max_length={training_args.max_length} exceeds the {positions} positions of "
+            f"max_length={max_length} exceeds the {positions} positions of "
             f"'{model_args.model_name_or_path}'; set max_length: {positions} or less."
         )
     return model
