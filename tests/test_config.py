@@ -50,8 +50,9 @@ def test_every_shipped_recipe_config_parses(
     with planned_model_dirs({str(yaml.safe_load(other.read_text()).get("output_dir")) for other in RECIPE_CONFIGS}):
         parsed = parse(["--config", str(path.relative_to(ROOT)), *flags])
     training_args = parsed.values[0]
-    # No GPU here: the device default (bf16 only for SFT where the CPU probe measured it faster), not TRL's bf16 crash.
-    assert training_args.bf16 is (recipe == "sft" and cpu_bf16_decision().bf16)
+    # No GPU here: the device default (bf16 only for SFT and GRPO, where the CPU probe measured it faster), not
+    # TRL's bf16 crash.
+    assert training_args.bf16 is (recipe in ("sft", "grpo") and cpu_bf16_decision().bf16)
     assert training_args.output_dir == str(tmp_path / "run")
 
 

@@ -186,6 +186,7 @@ def test_the_length_and_eos_rewards_read_the_completion_tokens() -> None:
         ("rewards:\n  - {function: nosuchmodule_xyz:f}", "module 'nosuchmodule_xyz' cannot be imported"),
         ("rewards:\n  - {function: 'not a spec'}", "expected 'module:function'"),
         ("rewards:\n  - {exact: answer}\n  - {numeric: answer, name: exact}", "the name 'exact' is used twice"),
+        (REWARDS + "use_vllm: true", "use_vllm: true generates with vLLM on a GPU"),
     ],
 )
 def test_bad_reward_entries_are_one_line_before_anything_loads(
@@ -197,6 +198,15 @@ def test_bad_reward_entries_are_one_line_before_anything_loads(
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and message in error[0] and str(tmp_path / "grpo.yaml") in error[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_answers_that_cannot_be_grouped_by_prompt_are_refused(
+    tmp_path: Path, tiny_gpt2_dir: Path, grpo_main, capsys
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        grpo_main(["--config", str(write_grpo_config(tmp_path, tiny_gpt2_dir)), "--num_generations", "3"])
+    assert exit_info.value.code == 2
+    assert "must be a multiple of num_generations (3)" in capsys.readouterr().err
 
 
 def test_a_missing_function_name_suggests_the_one_the_module_has(tmp_path: Path, monkeypatch) -> None:

@@ -23,6 +23,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "eval": ("hfpipe.evaluation.evaluate", "perplexity, multiple-choice and preference accuracy of a model"),
     "pipeline": ("hfpipe.tools.pipeline", "run stages (pretrain -> sft -> dpo -> eval) in order, each its own process"),
     "push": ("hfpipe.hub.push", "push a finished run to the Hugging Face Hub with a model card"),
+    "export": ("hfpipe.tools.export", "export a finished run to a GGUF file (llama.cpp, Ollama) with a Modelfile"),
 }
 
 

@@ -12,6 +12,7 @@
       hub_push.json      where and when the run was pushed
       .hfpipe-run.lock   held by the process training into the dir (released when it ends, however it ends)
       eval_results*.json `hfpipe eval` results
+      gguf/TYPE/         `hfpipe export`: RUN_NAME-TYPE.gguf and its Ollama Modelfile; export.json records each check
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ REPORT_HTML = "report.html"
 HUB_RECORD = "hub_push.json"
 EVAL_RESULTS = "eval_results.json"  # a pipeline's eval stage; `hfpipe eval` adds a timestamp (eval_results_name)
 MERGED_DIR = "merged"
+GGUF_DIR = "gguf"  # hfpipe export: gguf/<type>/<run name>-<type>.gguf
+MODELFILE = "Modelfile"  # beside each exported .gguf
+EXPORT_RECORD = "export.json"  # one entry per exported file
 MERGED_SFT_DIR = "sft-merged"
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"

@@ -1,9 +1,12 @@
 """Evaluate a model: perplexity on text files, multiple-choice accuracy by log-likelihood (HellaSwag-format JSONL),
 preference accuracy on prompt/chosen/rejected JSONL, and EleutherAI lm-eval-harness tasks when lm-eval is installed.
+A reward model run (recipes/reward.py, full or LoRA) scores instead: the rewards of a file of answers (--answers),
+and how often it scores a pair's chosen answer above the rejected one (--preferences).
 
 MODEL is a run's output dir, an adapter dir (loaded onto its base), a .gguf file or shipped model, or a Hub id;
-without it, the latest finished run under outputs/. Every input file is checked before the model loads. Results
-are printed as a table and written as JSON beside the model (a new timestamped file each time) or to --output.
+without it, the latest finished run under outputs/. Every input file, and whether the model can do each task, is
+checked before the model loads. Results are printed as a table and written as JSON beside the model (a new
+timestamped file each time) or to --output.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from datetime import datetime
@@ -22,7 +26,8 @@ from hfpipe.evaluation import tasks
 from hfpipe.evaluation.inputs import read_jsonl as read_jsonl
 from hfpipe.evaluation.tasks import EvalTask, ScoreSettings, TaskResult
 from hfpipe.evaluation.tasks import lm_eval_results as lm_eval_results
-from hfpipe.rundir import eval_results_name, model_or_latest_run
+from hfpipe.rundir import eval_results_name, model_or_latest_run, stage_of
+from hfpipe.stages import STAGES, Stage
 from hfpipe.tools.model_flags import add_model_argument
 
 
@@ -116,6 +121,53 @@ def check_eval_args(args: EvalArguments, where: str, labels: Mapping[str, str] |
     load_inputs(args, where, labels)
 
 
+def is_reward_run(name: str) -> bool:
+    """Whether `name` is the output dir of a stage that scores rather than generates (the registry's `generates`),
+    as the run recorded it; decided before anything loads."""
+    path = Path(name).expanduser()
+    stage = STAGES.get(stage_of(path) or "") if path.is_dir() else None
+    return stage is not None and not stage.generates
+
+
+def is_reward_model(model: Any) -> bool:
+    """Whether a loaded model (or a PEFT model around one) is a sequence classifier: a reward model's score head."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(inner).__name__.endswith("ForSequenceClassification")
+
+
+def check_model_kind(
+    args: EvalArguments, reward_model: bool, where: str, subject: str, labels: Mapping[str, str] | None = None
+) -> None:
+    """Every task asked for must run on the kind of model evaluated (a reward model or a causal LM); `subject` says
+    what the model is ("outputs/x is a reward model run"). One line before any model loads."""
+    for task in asked_for(args):
+        if task.runs_on(reward_model):
+            continue
+        label = _label(labels, task.setting)
+        if reward_model:
+            usable = _either(_label(labels, other.setting) for other in tasks.EVAL_TASKS if other.runs_on(True))
+            raise ConfigError(
+                f"{where}: {label}: needs a causal LM, and {subject}, which scores answers rather than generating "
+                f"them (evaluate it with {usable})."
+            )
+        scorers = _either(f"recipes/{stage.name}.py" for stage in STAGES.values() if not stage.generates)
+        raise ConfigError(
+            f"{where}: {label}: needs a reward model run (a {scorers} output), and {subject}. Run it on one: "
+            f"`hfpipe eval REWARD_RUN {task.flag} FILE`."
+        )
+
+
+def config_stage(values: Mapping[str, Any]) -> Stage | None:
+    """The registered stage whose config `values` are: the one whose config module (already imported: it is being
+    parsed) declares exactly these keys in its ARGUMENTS; None when no stage's keys match (a bare EvalArguments)."""
+    keys = set(values)
+    for stage in STAGES.values():
+        arguments = getattr(sys.modules.get(stage.config_module), "ARGUMENTS", None)
+        if arguments and keys == {item.name for cls in arguments for item in dataclasses.fields(cls) if item.init}:
+            return stage
+    return None
+
+
 def window_length(model: Any, max_length: int | None, key: str) -> int:
     """The tokens per scored sequence: `max_length`, or the model's context when not set."""
     from hfpipe.tools.prompts import context_length
@@ -136,8 +188,13 @@ def evaluate_all(
     args: EvalArguments,
     inputs: EvalInputs | None = None,
     labels: Mapping[str, str] | None = None,
+    reward_model: bool | None = None,
 ) -> list[TaskResult]:
-    """Run every evaluation `args` asks for on a loaded model; `inputs` are the files as `load_inputs` read them."""
+    """Run every evaluation `args` asks for on a loaded model; `inputs` are the files as `load_inputs` read them.
+    `reward_model`: whether the model is a reward model (default: a sequence classifier is one)."""
+    reward_model = is_reward_model(model) if reward_model is None else reward_model
+    subject = f"the model is a {'reward model' if reward_model else 'causal LM'}"
+    check_model_kind(args, reward_model, "eval", subject, labels)
     inputs = load_inputs(args, "eval", labels) if inputs is None else inputs
     length = window_length(model, args.eval_max_length, _label(labels, "eval_max_length"))
     stride = args.eval_stride or length
@@ -152,7 +209,7 @@ def evaluate_all(
     try:
         for task, rows in wanted:
             settings = ScoreSettings(args.eval_tasks_batch_size, length, stride, _label(labels, task.setting))
-            results.extend(task.evaluate(model, tokenizer, rows, settings))
+            results.extend(task.evaluate(model, tokenizer, rows, settings, reward_model))
     finally:
         model.train(was_training)
     return results
@@ -169,9 +226,16 @@ def flat_metrics(results: list[TaskResult]) -> dict[str, float]:
 
 
 def check_config_evaluations(values: Mapping[str, Any], where: str) -> None:
-    """A recipe config's `eval_*` keys (merged values, before any dataclass is built): check every input file."""
+    """A recipe config's `eval_*` keys (merged values, before any dataclass is built): each task must run on the
+    model the stage trains (a reward stage's is a reward model, every other stage's a causal LM); check every input
+    file."""
     names = [item.name for item in dataclasses.fields(EvalArguments)]
-    check_eval_args(EvalArguments(**{name: values[name] for name in names if name in values}), where)
+    args = EvalArguments(**{name: values[name] for name in names if name in values})
+    stage = config_stage(values)
+    if stage is not None:
+        kind = "a causal LM" if stage.generates else "a reward model"
+        check_model_kind(args, not stage.generates, where, f"recipes/{stage.name}.py trains {kind}")
+    check_eval_args(args, where)
 
 
 def evaluate_after_training(trainer: Any, tokenizer: Any, args: EvalArguments) -> dict[str, float]:
@@ -187,6 +251,11 @@ def evaluate_after_training(trainer: Any, tokenizer: Any, args: EvalArguments) -
 def run_evaluations(model: Any, tokenizer: Any, args: EvalArguments) -> dict[str, float]:
     """Evaluate a model in memory (e.g. at the end of training) and return flat metric names and values."""
     return flat_metrics(evaluate_all(model, tokenizer, args))
+
+
+def _either(flags: Any) -> str:
+    flags = list(flags)
+    return flags[0] if len(flags) == 1 else f"{', '.join(flags[:-1])} or {flags[-1]}"
 
 
 def format_table(results: list[TaskResult]) -> str:
@@ -255,21 +324,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Check every input, load the model, evaluate, print the table and write the results file."""
-    from hfpipe.models.trained import load_for_inference
+    """Check every input and that the model can do each task, load the model (a reward model run as a scorer, any
+    other as a causal LM), evaluate, print the table and write the results file."""
+    from hfpipe.models.trained import load_for_inference, load_scorer_for_inference
 
     eval_args = EvalArguments(**{item.name: getattr(args, item.name) for item in dataclasses.fields(EvalArguments)})
     if not asked_for(eval_args):
-        flags = [task.flag for task in tasks.EVAL_TASKS]
-        raise ConfigError(f"nothing to evaluate: give {', '.join(flags[:-1])} or {flags[-1]}.")
+        raise ConfigError(
+            f"nothing to evaluate: give {_either(task.flag for task in tasks.EVAL_TASKS if task.runs_on(False))}. "
+            f"For a reward model run: {_either(task.flag for task in tasks.EVAL_TASKS if task.runs_on(True))}."
+        )
     labels = command_line_flags()
+    name, picked = model_or_latest_run(args.model)
+    reward_model = is_reward_run(name)
+    subject = f"{name} is {'a reward model run' if reward_model else 'a causal LM'}"
+    check_model_kind(eval_args, reward_model, "command line", subject, labels)
     inputs = load_inputs(eval_args, "command line", labels)
     check_output(args.output)
-    name, picked = model_or_latest_run(args.model)
     if picked:
         print(f"Evaluating {picked}: {name}")
-    loaded = load_for_inference(name, args.dtype, args.device)
-    results = evaluate_all(loaded.model, loaded.tokenizer, eval_args, inputs, labels)
+    load = load_scorer_for_inference if reward_model else load_for_inference
+    loaded = load(name, args.dtype, args.device)
+    results = evaluate_all(loaded.model, loaded.tokenizer, eval_args, inputs, labels, reward_model)
     print(format_table(results))
     payload = {
         "model": name,

@@ -1,6 +1,7 @@
 """The evaluation tasks, each described once: its setting, `hfpipe eval` flag and pipeline key, how its inputs are
-read and checked, and how it is scored. `EVAL_TASKS` is the one list: the eval_* keys of recipe configs
-(EvalArguments), the flags of `hfpipe eval`, the keys of a pipeline's eval stage and the order of results follow it.
+read and checked, and how it is scored on a causal LM, on a reward model (a scorer run), or both. `EVAL_TASKS` is
+the one list: the eval_* keys of recipe configs (EvalArguments), the flags of `hfpipe eval`, the keys of a
+pipeline's eval stage and the order of results follow it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from functools import partial
 from typing import Any
 
 from hfpipe.errors import ConfigError, DataError, did_you_mean
-from hfpipe.evaluation import scoring
+from hfpipe.evaluation import reward_scoring, scoring
 from hfpipe.evaluation.inputs import FileReader, read_rows, read_texts
+from hfpipe.evaluation.reward_scoring import ANSWER_EXAMPLE, AnswerRow
 from hfpipe.evaluation.scoring import CHOICE_EXAMPLE, PREFERENCE_EXAMPLE, ChoiceRow, PreferenceRow
 
 LM_EVAL_INSTALL = "pip install lm-eval"
@@ -67,14 +69,27 @@ class EvalTask:
     key: str  # its key in a pipeline's eval stage
     help: str
     read: Reader
-    score: Scorer
+    score: Scorer | None  # on a causal LM; None: the task needs a reward model
     check_tokenizer: Callable[[Any, list[Any]], None] | None = None  # (tokenizer, rows), before any task is scored
     metavar: str = "FILE"
     comma_separated: bool = False  # the flag takes one comma-separated value rather than several
+    score_with_reward: Scorer | None = None  # on a reward model (a stage that does not generate); None: it cannot
 
-    def evaluate(self, model: Any, tokenizer: Any, rows: list[Any], settings: ScoreSettings) -> list[TaskResult]:
-        """Score `rows` on the loaded model; the results are named after the task."""
-        return self.results(self.score(model, tokenizer, rows, settings))
+    def runs_on(self, reward_model: bool) -> bool:
+        """Whether the task can score a reward model (`reward_model`) or a causal LM."""
+        return (self.score_with_reward if reward_model else self.score) is not None
+
+    def evaluate(
+        self, model: Any, tokenizer: Any, rows: list[Any], settings: ScoreSettings, reward_model: bool = False
+    ) -> list[TaskResult]:
+        """Score `rows` on the loaded model (a reward model when `reward_model`); the results are named after the
+        task."""
+        score = self.score_with_reward if reward_model else self.score
+        if score is None:
+            raise ConfigError(
+                f"{settings.key}: this task cannot score a {'reward model' if reward_model else 'causal LM'}."
+            )
+        return self.results(score(model, tokenizer, rows, settings))
 
     def results(self, scores: list[Score]) -> list[TaskResult]:
         """Scores as results named after the task (and their part: lm_eval_hellaswag)."""
@@ -142,15 +157,26 @@ def score_preferences(model: Any, tokenizer: Any, rows: list[PreferenceRow], set
     return [Score(scoring.preference_metrics(scores), len(rows), "rows")]
 
 
+def score_preferences_with_reward(
+    model: Any, tokenizer: Any, rows: list[PreferenceRow], settings: ScoreSettings
+) -> list[Score]:
+    """How often a reward model scores the chosen answer above the rejected one, and the mean margin, rendered as
+    recipes/reward.py trains."""
+    metrics = reward_scoring.preference_pair_metrics(model, tokenizer, rows, settings.max_length)
+    return [Score(metrics, len(rows), "rows")]
+
+
 PREFERENCES = EvalTask(
     name="pref",
     setting="eval_preference_files",
     flag="--preferences",
     key="preferences",
-    help=f"Preference accuracy on these .jsonl files: rows {PREFERENCE_EXAMPLE} (or message lists).",
+    help=f"Preference accuracy on these .jsonl files: rows {PREFERENCE_EXAMPLE} (or message lists). On a reward "
+    "model run: the share of pairs whose chosen answer scores higher, and the mean margin.",
     read=FileReader((".jsonl",), partial(read_rows, parse=scoring.preference_row)),
     score=score_preferences,
     check_tokenizer=check_preference_tokenizer,
+    score_with_reward=score_preferences_with_reward,
 )
 
 
@@ -225,5 +251,25 @@ def lm_eval_results(output: Mapping[str, Any]) -> list[TaskResult]:
     return LM_EVAL.results(lm_eval_scores(output))
 
 
+def score_answers(model: Any, tokenizer: Any, rows: list[AnswerRow], settings: ScoreSettings) -> list[Score]:
+    """The reward model's mean, std, min and max reward over the answers, rendered as recipes/reward.py trains."""
+    rewards = reward_scoring.answer_rewards(model, tokenizer, rows, settings.batch_size, settings.max_length)
+    return [Score(reward_scoring.reward_metrics(rewards), len(rows), "rows")]
+
+
+ANSWERS = EvalTask(
+    name="reward",
+    setting="eval_answer_files",
+    flag="--answers",
+    key="answers",
+    help=f"Rewards of the answers in these .jsonl files, scored by a reward model run: rows {ANSWER_EXAMPLE} (or "
+    "message lists).",
+    read=FileReader((".jsonl",), partial(read_rows, parse=reward_scoring.answer_row)),
+    score=None,
+    check_tokenizer=reward_scoring.check_message_rows,
+    score_with_reward=score_answers,
+)
+
+
 # The one list of tasks, in the order they run and their results are reported.
-EVAL_TASKS: tuple[EvalTask, ...] = (TEXT, CHOICES, PREFERENCES, LM_EVAL)
+EVAL_TASKS: tuple[EvalTask, ...] = (TEXT, CHOICES, PREFERENCES, LM_EVAL, ANSWERS)

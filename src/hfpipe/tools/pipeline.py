@@ -32,7 +32,17 @@ from hfpipe_launch_hook import Inbox
 PIPELINE_KEYS = ("stages", "chat_prompts", "chat_max_new_tokens")
 STAGE_KEYS = ("name", "config", "from", "launch_args", "eval")
 # The figures the summary shows beside the losses, when a stage's metrics.json has them.
-KEY_METRICS = ("eval_perplexity", "eval_rewards/accuracies", "mc_acc", "pref_accuracy", "text_perplexity")
+KEY_METRICS = (
+    "eval_perplexity",
+    "eval_rewards/accuracies",
+    "heldout_pair_accuracy_after",  # reward
+    "heldout_reward_after",  # grpo
+    "heldout_accuracy_after",  # grpo with an exact or numeric reward
+    "heldout_policy_preference_after",  # dpo, kto
+    "mc_acc",
+    "pref_accuracy",
+    "text_perplexity",
+)
 
 
 @dataclass
@@ -99,7 +109,7 @@ def _read_stage(raw: dict[str, Any], name: str, where: str, earlier: list[Stage]
     if "eval" in raw:
         if source is None:
             raise ConfigError(f"{where}: an eval stage needs an earlier training stage to evaluate.")
-        return Stage(name, "eval", source=source, eval_flags=_eval_flags(raw["eval"], where))
+        return Stage(name, "eval", source=source, eval_flags=_eval_flags(raw["eval"], where, source))
     config = Path(raw["config"])
     if not config.is_file():
         raise ConfigError(f"{where}: config: {config}: no such file.")
@@ -117,7 +127,7 @@ def eval_keys() -> dict[str, evaluation_tasks.EvalTask]:
     return {task.key: task for task in evaluation_tasks.EVAL_TASKS}
 
 
-def _eval_flags(spec: Any, where: str) -> list[str]:
+def _eval_flags(spec: Any, where: str, source: str | None = None) -> list[str]:
     keys = eval_keys()
     if not isinstance(spec, dict) or not spec:
         raise ConfigError(f"{where}: eval: expected a mapping of {', '.join(keys)} to lists of files or tasks.")
@@ -125,6 +135,12 @@ def _eval_flags(spec: Any, where: str) -> list[str]:
     flags: list[str] = []
     for key, values in spec.items():
         task = keys[key]
+        if not task.runs_on(reward_model=False):  # an eval stage evaluates the latest model that generates
+            raise ConfigError(
+                f"{where}: eval: {key}: needs a reward model, and an eval stage evaluates the latest generating "
+                f"model{f' ({source!r})' if source else ''}. Score answers with `hfpipe eval REWARD_RUN {task.flag} "
+                "FILE` instead."
+            )
         values = [str(value) for value in (values if isinstance(values, list) else [values])]
         # One flag with every value: a repeated flag would keep only its last value.
         flags += [task.flag, ",".join(values)] if task.comma_separated else [task.flag, *values]

@@ -65,7 +65,8 @@ def _continues_adapter(values: dict[str, Any]) -> bool:
     return _is_adapter_dir(values.get("model_name_or_path")) and values["sft_adapter"] == "continue"
 
 
-def _trains_adapter(values: dict[str, Any]) -> bool:
+def trains_adapter(values: dict[str, Any]) -> bool:
+    """Whether the config trains an adapter: a new one (use_peft) or an SFT adapter continued."""
     return bool(values.get("use_peft")) or _continues_adapter(values)
 
 
@@ -76,7 +77,7 @@ def derive(values: dict[str, Any], where: str) -> None:
         # LoRA is the memory-light choice: without checkpointing, activations and vocabulary logits of chosen and
         # rejected sequences dominate its memory (measured on SmolLM2-135M: 4.1 GB peak, 2.7 GB with it). Full
         # fine-tuning of small models keeps the faster path.
-        values["activation_checkpointing"] = _trains_adapter(values)
+        values["activation_checkpointing"] = trains_adapter(values)
     if values["per_device_eval_batch_size"] is None:
         values["per_device_eval_batch_size"] = values["per_device_train_batch_size"]
 
@@ -89,7 +90,7 @@ def check(values: dict[str, Any], where: str) -> None:
             f"{where}: use_peft adds a new adapter, but model_name_or_path is an adapter dir that sft_adapter: "
             "continue keeps training. Remove use_peft, or set sft_adapter: merge to merge it and add a new one."
         )
-    lora = _trains_adapter(values)
+    lora = trains_adapter(values)
     if values.get("merge_adapter") and not lora:
         raise ConfigError(f"{where}: merge_adapter needs an adapter (use_peft: true, or an SFT adapter to continue).")
     reference = values["reference"]

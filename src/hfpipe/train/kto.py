@@ -84,7 +84,7 @@ def check(values: dict[str, Any], where: str) -> None:
                 "neighbour's answer for the KL term, so it samples in order (hfpipe shuffles the rows once). Remove "
                 "the key, or use loss_type: apo_zero_unpaired."
             )
-    if values.get("sync_ref_model") and (values["reference"] != "copy" or dpo._trains_adapter(values)):
+    if values.get("sync_ref_model") and (values["reference"] != "copy" or dpo.trains_adapter(values)):
         raise ConfigError(
             f"{where}: sync_ref_model: true updates a frozen reference copy: it needs full fine-tuning with "
             "reference: copy (LoRA's and precomputed references have no copy to update)."
