@@ -29,22 +29,19 @@ def kto_recipe():
     return load_recipe("kto")
 
 
-@pytest.fixture
-def kto_config(tmp_path: Path, tiny_gpt2_dir: Path):
-    """Factory: a KTO config for `model` (the tiny GPT-2 by default) on `rows` (24 pairs by default) and, unless
-    `held_out` is None, 8 held-out pairs; 2 steps of 4 rows, writing to tmp_path/run."""
-
-    def make(
-        rows: list[dict] = PAIRS, extra: str = "", held_out: list[dict] | None = HELD_OUT, model: Path | None = None
-    ) -> Path:
-        train = write_rows(tmp_path / "train.jsonl", rows)
-        validation = f"validation_files: [{write_rows(tmp_path / 'test.jsonl', held_out)}]\n" if held_out else ""
-        config = tmp_path / "kto.yaml"
-        config.write_text(
-            f"""# accelerate launch recipes/kto.py --config {config}
-model_name_or_path: {model or tiny_gpt2_dir}
+def write_kto_config(
+    directory: Path, base: Path, rows: list[dict] = PAIRS, extra: str = "", held_out: list[dict] | None = HELD_OUT
+) -> Path:
+    """A KTO config for the model dir `base` on `rows` (24 pairs by default) and, unless `held_out` is None, 8
+    held-out pairs; 2 steps of 4 rows, writing to directory/run."""
+    train = write_rows(directory / "train.jsonl", rows)
+    validation = f"validation_files: [{write_rows(directory / 'test.jsonl', held_out)}]\n" if held_out else ""
+    config = directory / "kto.yaml"
+    config.write_text(
+        f"""# accelerate launch recipes/kto.py --config {config}
+model_name_or_path: {base}
 train_files: [{train}]
-{validation}output_dir: {tmp_path}/run
+{validation}output_dir: {directory}/run
 max_length: 64
 per_device_train_batch_size: 4
 per_device_eval_batch_size: 4
@@ -54,8 +51,18 @@ logging_steps: 1
 learning_rate: 1.0e-2
 sample_max_new_tokens: 4
 {extra}"""
-        )
-        return config
+    )
+    return config
+
+
+@pytest.fixture
+def kto_config(tmp_path: Path, tiny_gpt2_dir: Path):
+    """Factory: `write_kto_config` into tmp_path, for `model` (the tiny GPT-2 by default)."""
+
+    def make(
+        rows: list[dict] = PAIRS, extra: str = "", held_out: list[dict] | None = HELD_OUT, model: Path | None = None
+    ) -> Path:
+        return write_kto_config(tmp_path, model or tiny_gpt2_dir, rows, extra, held_out)
 
     return make
 

@@ -1,5 +1,5 @@
-"""Resume: kill -9 at any step and rerun gives the uninterrupted run's weights (pretraining; SFT, DPO and reward
-models, full and LoRA); SIGTERM checkpoints first."""
+"""Resume: kill -9 at any step and rerun gives the uninterrupted run's weights (pretraining; SFT, DPO, reward
+models, KTO and GRPO, full and LoRA); SIGTERM checkpoints first."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ import torch
 from conftest import ROOT
 from safetensors.torch import load_file
 from test_dpo import write_dpo_config
+from test_grpo import REWARDS, write_grpo_config
+from test_kto import write_kto_config
 from test_reward import write_reward_config
 from test_sft import write_sft_config
 
@@ -138,13 +140,24 @@ TUNING_FLAGS = ["--max_steps", "40", "--eval_steps", "10", "--logging_steps", "1
         ("dpo", LORA, "adapter_model.safetensors", "adapter"),
         ("reward", "", "model.safetensors", None),
         ("reward", LORA, "adapter_model.safetensors", None),
+        ("kto", "", "model.safetensors", "precompute"),
+        ("kto", LORA, "adapter_model.safetensors", "adapter"),
+        ("grpo", "", "model.safetensors", None),
+        ("grpo", LORA, "adapter_model.safetensors", None),
     ],
-    ids=["sft-full", "sft-lora", "dpo-full", "dpo-lora", "reward-full", "reward-lora"],
+    ids=["sft-full", "sft-lora", "dpo-full", "dpo-lora", "reward-full", "reward-lora", "kto-full", "kto-lora",
+         "grpo-full", "grpo-lora"],  # fmt: skip
 )
 def test_kill_9_then_rerun_of_a_fine_tune_matches_an_uninterrupted_run(
     stage: str, extra: str, weights: str, reference: str | None, tmp_path: Path, dropout_gpt2_dir: Path
 ) -> None:
-    write = {"sft": write_sft_config, "dpo": write_dpo_config, "reward": write_reward_config}[stage]
+    write = {
+        "sft": write_sft_config,
+        "dpo": write_dpo_config,
+        "reward": write_reward_config,
+        "kto": write_kto_config,
+        "grpo": lambda directory, base, extra: write_grpo_config(directory, base, REWARDS + extra, steps=10),
+    }[stage]
     config = write(tmp_path, dropout_gpt2_dir, extra=extra)
     recipe = str(ROOT / "recipes" / f"{stage}.py")
     assert_kill_9_resume_matches(config, weights, recipe=recipe, run_flags=TUNING_FLAGS)

@@ -28,6 +28,7 @@ from hfpipe.train.rewards import (
     RewardFunc,
     build_reward_funcs,
     completion_text,
+    outside_training,
     read_reward_entries,
 )
 from hfpipe.train.run_settings import RUN_DEFAULTS
@@ -130,8 +131,8 @@ def parse(argv: Sequence[str] | None = None) -> ParsedConfig:
 
 
 def resolved_settings(parsed: ParsedConfig) -> dict[str, Any]:
-    """What the user wrote plus what hfpipe derived."""
-    return tuning_settings(parsed)
+    """What the user wrote plus what hfpipe derived, with the dtype the model loads in."""
+    return {**tuning_settings(parsed), "dtype": parsed.get(ModelConfig).dtype}
 
 
 def reward_entries(parsed: ParsedConfig) -> list[RewardEntry]:
@@ -213,7 +214,7 @@ def heldout_scores(
     answers (prompt, completion, rewards) for samples.jsonl."""
     prompts = list(rows["prompt"])
     completions, ids = greedy_completions(model, tokenizer, prompts, max_new_tokens, batch)
-    columns = {name: list(rows[name]) for name in rows.column_names if name != "prompt"}
+    columns = {name: list(rows[name]) for name in rows.column_names if name != "prompt"} | outside_training()
     per_reward = {
         func.__name__: func(prompts=prompts, completions=completions, completion_ids=ids, **columns) for func in funcs
     }

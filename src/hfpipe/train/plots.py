@@ -11,6 +11,18 @@ matplotlib.use("Agg")  # files only: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _save(figure: Any, axes: Any, path: Path, title: str, ylabel: str, legend_size: float | None = None) -> None:
+    """Label the step axis and `ylabel`, title, grid and legend; write the PNG and free the figure."""
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=legend_size)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
 def plot_losses(log_history: list[dict[str, Any]], path: Path, title: str) -> None:
     """Plot training loss and validation loss against the optimizer step into a PNG file."""
     train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
@@ -20,14 +32,7 @@ def plot_losses(log_history: list[dict[str, Any]], path: Path, title: str) -> No
         axes.plot(*zip(*train, strict=True), label="train loss", linewidth=1.2)
     if valid:
         axes.plot(*zip(*valid, strict=True), "o-", label="validation loss", linewidth=1.5)
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel("cross-entropy (nats/token)")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    _save(figure, axes, path, title, "cross-entropy (nats/token)")
 
 
 def plot_rewards(
@@ -73,14 +78,7 @@ def plot_training_rewards(
     if heldout:
         last = steps[-1] if steps else 1
         axes.plot([0, last], [heldout["before"], heldout["after"]], "ks", label="held-out reward before / after")
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel("mean reward")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    _save(figure, axes, path, title, "mean reward", legend_size=8)
 
 
 def plot_eval_curves(log_history: list[dict[str, Any]], path: Path, title: str, keys: dict[str, str]) -> bool:
@@ -94,12 +92,5 @@ def plot_eval_curves(log_history: list[dict[str, Any]], path: Path, title: str, 
         if points:
             axes.plot(*zip(*points, strict=True), "o-", label=keys[key], linewidth=1.5)
     axes.axhline(0.0, color="grey", linewidth=0.8)
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel("held-out value")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    _save(figure, axes, path, title, "held-out value")
     return True

@@ -281,6 +281,16 @@ def _checked_user_function(function: RewardFunc, entry: RewardEntry) -> RewardFu
     return reward
 
 
+def _log_nothing(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def outside_training() -> dict[str, Any]:
+    """The keyword arguments TRL's trainer adds to every reward call, for calls outside training (the probe, the
+    held-out scoring): no trainer state, and logging hooks that log nothing."""
+    return {"trainer_state": None, "log_extra": _log_nothing, "log_metric": _log_nothing}
+
+
 def probe_user_functions(entries: Sequence[RewardEntry], rows: Any) -> None:
     """Call each user function once on the first training rows with empty completions (in the shape TRL passes),
     before the model loads, so that one that cannot run on this data stops the run with nothing trained."""
@@ -293,7 +303,8 @@ def probe_user_functions(entries: Sequence[RewardEntry], rows: Any) -> None:
     columns = {name: list(sample[name]) for name in sample.column_names if name != "prompt"}
     for entry in functions:
         reward = _checked_user_function(import_function(entry.value, entry.label), entry)
-        reward(prompts=prompts, completions=completions, completion_ids=[[] for _ in prompts], **columns)
+        reward(prompts=prompts, completions=completions, completion_ids=[[] for _ in prompts], **columns,
+               **outside_training())  # fmt: skip
 
 
 def required_columns(entries: Sequence[RewardEntry]) -> dict[str, str]:
