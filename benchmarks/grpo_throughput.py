@@ -12,8 +12,9 @@ max_completion_length, num_generations and per_device_train_batch_size: the same
 on fp32 weights, ...). hfpipe runs configs/grpo/smollm2_arithmetic.yaml as shipped but for max_steps. Both get the
 same rewards (this file's functions for TRL are hfpipe's built-ins) and the prompts rendered by the same chat
 template; both final adapters are scored by the same greedy held-out scoring (the 100 prompts of
-data/arithmetic/test.jsonl). Steps/s counts the training loop (Trainer's train_runtime); peak RSS is the whole
-process's (/usr/bin/time). Writes benchmarks/results/grpo_throughput.json and the table in
+data/arithmetic/test.jsonl). Steps/s is 1 / the mean of TRL's per-step `step_time` (generation, rewards, forward and
+backward; the first step left out); peak RSS is the whole process's (/usr/bin/time). Writes
+benchmarks/results/grpo_throughput.json and the table in
 benchmarks/README.md.
 """
 
@@ -106,11 +107,13 @@ def timed(command: list[str], env: dict[str, str]) -> tuple[str, int]:
     return result.stdout, int(re.findall(r"PEAK_RSS_KB (\d+)", result.stdout)[-1]) // 1024
 
 
-def runtime_of(output_dir: Path) -> float:
-    """The Trainer's train_runtime, from the last checkpoint's trainer_state.json."""
+def seconds_per_step(output_dir: Path) -> float:
+    """The mean of TRL's `step_time` over the training steps (logged every step; the first, warm-up, left out),
+    from the last checkpoint's trainer_state.json."""
     checkpoint = max(output_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
     state = json.loads((checkpoint / "trainer_state.json").read_text())
-    return next(entry["train_runtime"] for entry in reversed(state["log_history"]) if "train_runtime" in entry)
+    times = [entry["step_time"] for entry in state["log_history"] if "step_time" in entry]
+    return statistics.mean(times[1:] or times)
 
 
 # The task's settings, the same for both: what is learned from what, and how much work one step is.
@@ -140,6 +143,7 @@ def run_trl(scratch: Path, steps: int, env: dict[str, str]) -> dict:
         **task_settings(),
         "max_steps": steps,
         "save_steps": steps,
+        "logging_steps": 1,
         "output_dir": str(output_dir),
         "report_to": "none",
         **({"use_cpu": True} if not _has_gpu() else {}),
@@ -148,16 +152,16 @@ def run_trl(scratch: Path, steps: int, env: dict[str, str]) -> dict:
     path.write_text(yaml.safe_dump(config))
     trl_env = {**env, "PYTHONPATH": f"{ROOT / 'benchmarks'}:{env.get('PYTHONPATH', '')}"}
     _, rss = timed([str(Path(sys.executable).parent / "trl"), "grpo", "--config", str(path)], trl_env)
-    return {"output_dir": str(output_dir), "train_runtime": runtime_of(output_dir), "peak_rss_mib": rss}
+    return {"output_dir": str(output_dir), "seconds_per_step": seconds_per_step(output_dir), "peak_rss_mib": rss}
 
 
 def run_hfpipe(scratch: Path, steps: int, env: dict[str, str]) -> dict:
     """recipes/grpo.py with the shipped config (its held-out scoring skipped here: scored below like TRL's)."""
     output_dir = scratch / "hfpipe"
     command = [sys.executable, "recipes/grpo.py", "--config", CONFIG, "--output_dir", str(output_dir)]
-    command += ["--max_steps", str(steps), "--save_steps", str(steps), "--heldout_prompts", "1"]
+    command += ["--max_steps", str(steps), "--save_steps", str(steps), "--logging_steps", "1", "--heldout_prompts", "1"]
     _, rss = timed(command, env)
-    return {"output_dir": str(output_dir), "train_runtime": runtime_of(output_dir), "peak_rss_mib": rss}
+    return {"output_dir": str(output_dir), "seconds_per_step": seconds_per_step(output_dir), "peak_rss_mib": rss}
 
 
 def _has_gpu() -> bool:
@@ -242,7 +246,7 @@ def main() -> None:
                 scratch = Path(scratch_root) / f"{name}{repeat}"
                 scratch.mkdir()
                 run = (run_trl if name == "trl" else run_hfpipe)(scratch, options.steps, env)
-                run["steps_per_second"] = options.steps / run["train_runtime"]
+                run["steps_per_second"] = 1 / run["seconds_per_step"]
                 run["heldout"] = heldout(run.pop("output_dir"))
                 pair[name] = run
             print(f"repeat {repeat}: {json.dumps(pair)}", flush=True)
