@@ -111,15 +111,8 @@ def answer_rewards(
 
     converted = [convert_answer_row(row, bool(tokenizer.chat_template)) for row in rows]
     _check_lengths([len(render_ids(tokenizer, row)) for row in converted], [row.origin for row in rows], max_length)
-    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    try:  # reward_model_scores freezes the model: give a model still in training its trainable weights back
-        reward = reward_model_scores(model, tokenizer, batch_size)
-        return reward(
-            prompts=[row["prompt"] for row in converted], completions=[row["completion"] for row in converted]
-        )
-    finally:
-        for parameter in trainable:
-            parameter.requires_grad_(True)
+    reward = reward_model_scores(model, tokenizer, batch_size)
+    return reward(prompts=[row["prompt"] for row in converted], completions=[row["completion"] for row in converted])
 
 
 def reward_metrics(rewards: Sequence[float]) -> dict[str, float]:

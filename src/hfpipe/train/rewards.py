@@ -243,7 +243,6 @@ def reward_model_scores(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBa
     """A reward function scoring each prompt + completion (TRL's format: strings, or message lists) with a reward
     model, tokenized as RewardTrainer tokenized its training pairs (`render_ids`: the chat template, or the text plus
     EOS)."""
-    model.eval().requires_grad_(False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     @torch.no_grad()
@@ -251,13 +250,15 @@ def reward_model_scores(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBa
         rows = [
             render_ids(tokenizer, {"prompt": p, "completion": c}) for p, c in zip(prompts, completions, strict=True)
         ]
-        scores: list[float] = []
+        was_training, scores = model.training, []
+        model.eval()  # no dropout; the model's own mode (a reward model still training) is given back after
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
             width = max(len(ids) for ids in batch)
             input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in batch], device=model.device)
             mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch], device=model.device)
             scores += model(input_ids=input_ids, attention_mask=mask).logits[:, 0].float().tolist()
+        model.train(was_training)
         return scores
 
     return reward
