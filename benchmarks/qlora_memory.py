@@ -1,5 +1,5 @@
 """QLoRA vs LoRA on SmolLM2-135M-Instruct: peak RSS and steps/s of configs/sft/smollm2_qlora.yaml beside
-configs/sft/smollm2_lora.yaml on the same rows, the same number of steps, alternately.
+configs/sft.yaml on the same rows, the same number of steps, alternately.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/qlora_memory.py            # 3 alternating rounds of 12 steps
 
@@ -24,13 +24,13 @@ from sft_throughput import run_measured  # the same peak-RSS sampler
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
-    "LoRA (smollm2_lora.yaml)": "configs/sft/smollm2_lora.yaml",
+    "LoRA (configs/sft.yaml)": "configs/sft.yaml",
     "QLoRA nf4 (smollm2_qlora.yaml)": "configs/sft/smollm2_qlora.yaml",
 }
 SECTION = """## QLoRA: peak memory and speed beside LoRA
 
 `benchmarks/qlora_memory.py` trains `configs/sft/smollm2_qlora.yaml` (SmolLM2-135M in 4-bit nf4 with double
-quantization, LoRA r16 on every linear layer) and `configs/sft/smollm2_lora.yaml` (the same adapter on the bf16/fp32
+quantization, LoRA r16 on every linear layer) and `configs/sft.yaml` (the same adapter on the bf16/fp32
 base) on the same rows for the same steps, alternately, with bitsandbytes' CPU backend.
 """
 

@@ -9,8 +9,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from shipped_runs import ShippedRuns
 
 # No test may reach the Hub; caches go to a temp dir so that runs never share state with the user's.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -204,3 +208,11 @@ output_dir: {tmp_path}/run
         )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def shipped_runs(tmp_path_factory: pytest.TempPathFactory) -> ShippedRuns:
+    """The shipped recipe configs' 2-step runs, each run once per session when first asked for."""
+    from shipped_runs import ShippedRuns
+
+    return ShippedRuns(tmp_path_factory.mktemp("shipped"))

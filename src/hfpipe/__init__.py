@@ -18,6 +18,10 @@ PINGS = (
     ("HF_HUB_DISABLE_TELEMETRY", "1", "huggingface_hub.constants", "HF_HUB_DISABLE_TELEMETRY", True),
     ("HF_UPDATE_DOWNLOAD_COUNTS", "0", "datasets.config", "HF_UPDATE_DOWNLOAD_COUNTS", False),
 )
+# Set only when the user has not: gradio's usage analytics, for a user who has gradio beside trackio. trackio itself
+# pings nothing when it logs locally, and gradio_client (which it imports) reports usage through huggingface_hub's
+# telemetry, off above.
+DEFAULTS_OFF = (("GRADIO_ANALYTICS_ENABLED", "False"),)
 
 
 def turn_off_telemetry() -> None:
@@ -33,6 +37,8 @@ def turn_off_telemetry() -> None:
         module = sys.modules.get(module_name)
         if module is not None:
             setattr(module, constant, off)
+    for variable, value in DEFAULTS_OFF:
+        os.environ.setdefault(variable, value)
 
 
 turn_off_telemetry()

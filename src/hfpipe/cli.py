@@ -24,6 +24,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "pipeline": ("hfpipe.tools.pipeline", "run stages (pretrain -> sft -> dpo -> eval) in order, each its own process"),
     "push": ("hfpipe.hub.push", "push a finished run to the Hugging Face Hub with a model card"),
     "export": ("hfpipe.tools.export", "export a finished run to a GGUF file (llama.cpp, Ollama) with a Modelfile"),
+    "ui": ("hfpipe.tools.ui", "a local web page to watch, compare and chat with runs"),
 }
 
 

@@ -5,6 +5,7 @@
       config.yaml        the resolved config; its first line is the command that reruns it
       metrics.json       written last: its presence marks a finished run; records the stage
       samples.jsonl      generations at each evaluation
+      train_log.jsonl    each training and evaluation log entry, written as it is logged (curves of a live run)
       loss.png, rewards.png, report.md, report.html
       checkpoint-N/      the Trainer's checkpoints (resume picks the newest complete one)
       merged/            base + adapter merged (merge_adapter: true, or at push time)
@@ -13,6 +14,8 @@
       .hfpipe-run.lock   held by the process training into the dir (released when it ends, however it ends)
       eval_results*.json `hfpipe eval` results
       gguf/TYPE/         `hfpipe export`: RUN_NAME-TYPE.gguf and its Ollama Modelfile; export.json records each check
+      runs/DATE_HOST/    report_to: tensorboard: the Trainer's TensorBoard event files (transformers' own default)
+      trackio/           report_to: trackio: trackio's local store, PROJECT.db (SQLite), unless TRACKIO_DIR is set
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from hfpipe.errors import ConfigError
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 SAMPLES_FILE = "samples.jsonl"
+TRAIN_LOG = "train_log.jsonl"
 LOSS_PLOT = "loss.png"
 REWARD_PLOT = "rewards.png"
 PLOTS = (LOSS_PLOT, REWARD_PLOT)
@@ -50,6 +54,7 @@ RUN_LOCK = ".hfpipe-run.lock"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 INCOMPLETE_MARKER = "checkpoint-is-incomplete.txt"  # the Trainer's own, while a checkpoint is written
 TRAINER_STATE = "trainer_state.json"
+TRACKIO_DIR = "trackio"  # report_to: trackio, unless the user set TRACKIO_DIR
 
 
 def eval_results_name(now: datetime.datetime) -> str:

@@ -1,4 +1,5 @@
-"""Trainer callbacks: throughput in the log, sample generations at each evaluation, a per-rank report."""
+"""Trainer callbacks: throughput in the log, the log written live to the run dir, sample generations at each
+evaluation, a per-rank report."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from hfpipe.rundir import SAMPLES_FILE
+from hfpipe.rundir import SAMPLES_FILE, TRAIN_LOG
 
 
 class LogExtrasCallback(TrainerCallback):
@@ -78,6 +79,36 @@ class LogExtrasCallback(TrainerCallback):
     def tokens_per_second(self) -> float:
         """Mean training tokens per second over the steps this process timed."""
         return self.train_tokens / self.train_seconds if self.train_seconds else 0.0
+
+
+class TrainLogCallback(TrainerCallback):
+    """Appends each log entry (training, evaluation, the final summary) to the run dir's train_log.jsonl as it is
+    logged, so that the curves of a run still training can be read (the Trainer writes its log history only with
+    each checkpoint). A resumed run first drops the entries logged after the step it resumes from.
+
+    Put it after `LogExtrasCallback`, whose figures it records too."""
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        path = Path(args.output_dir) / TRAIN_LOG
+        if not state.is_world_process_zero or not path.is_file():
+            return
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _logged_by(line, state.global_step)]
+        path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+        if not state.is_world_process_zero or logs is None:
+            return
+        entry = {**logs, "step": state.global_step, "epoch": state.epoch}
+        with open(Path(args.output_dir) / TRAIN_LOG, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry) + "\n")
+
+
+def _logged_by(line: str, step: int) -> bool:
+    """True for a train_log.jsonl line logged at or before `step` (a torn last line is dropped)."""
+    try:
+        return json.loads(line).get("step", 0) <= step
+    except ValueError:
+        return False
 
 
 def room_for(model: torch.nn.Module, prompt_length: int, max_new_tokens: int) -> int:

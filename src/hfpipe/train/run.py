@@ -44,10 +44,10 @@ from hfpipe.rundir import (
 )
 from hfpipe.sections import RunArguments, TuningArguments
 from hfpipe.stages import get_stage
-from hfpipe.train.callbacks import LogExtrasCallback, SampleCallback
+from hfpipe.train.callbacks import LogExtrasCallback, SampleCallback, TrainLogCallback
 from hfpipe.train.plots import plot_losses
 from hfpipe.train.report import run_versions, write_report
-from hfpipe.train.run_settings import check_not_finished
+from hfpipe.train.run_settings import check_not_finished, keep_trackio_in_run_dir
 
 SIGTERM_EXIT_CODE = 143
 
@@ -87,6 +87,7 @@ class Run:
         """
         self.log_extras = LogExtrasCallback(tokens_per_step, perplexity)
         trainer.callback_handler.callbacks.insert(0, self.log_extras)  # before the printer: it adds to the logs
+        trainer.callback_handler.callbacks.insert(1, TrainLogCallback())
         if self.training_args.process_index == 0:
             settings = get_stage(self.stage).resolved_settings(self.parsed)
             save_run_config(self.output_dir, self.stage, settings, resuming=self.resume_from is not None)
@@ -132,6 +133,7 @@ def start_run(stage: str, parsed: ParsedConfig) -> Run:
         resume_from = prepare_output_dir(
             output_dir, run_args.overwrite_output_dir, str(parsed.path), training_args.process_index == 0
         )
+    keep_trackio_in_run_dir(training_args.report_to, output_dir)
     set_seed(training_args.seed)
     return Run(stage, parsed, training_args, run_args, output_dir, resume_from, hub, threads)
 

@@ -1,17 +1,18 @@
 """The run conventions every stage's config starts from, and the settings derived from them: run name, output dir,
-checkpoint steps, --smoke; the checks of the output dir and report_to. Config-time only: nothing here loads or
-writes."""
+checkpoint steps, --smoke; the checks of the output dir and report_to; where trackio keeps its store. Nothing here
+loads or writes files."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
 from hfpipe.errors import ConfigError, did_you_mean
-from hfpipe.rundir import HUB_RECORD, is_finished
+from hfpipe.rundir import HUB_RECORD, TRACKIO_DIR, is_finished
 
 
 def check_not_finished(output_dir: Path, overwrite: bool, where: str, hint: str = "") -> None:
@@ -109,3 +110,31 @@ def check_report_to(values: dict[str, Any], where: str) -> None:
             f"{where}: report_to: {name!r} is not valid; expected none, all, or one or a list of "
             f"{', '.join(integrations)}.{hint}"
         )
+
+
+# The TRACKIO_DIR this process set for an earlier run (tests, notebooks), told apart from one the user set.
+_trackio_dir_set_here: str | None = None
+
+
+def keep_trackio_in_run_dir(report_to: list[str], output_dir: Path) -> Path | None:
+    """For a run that reports to trackio, point trackio's local store (its SQLite project files) at
+    <output_dir>/trackio unless the user set TRACKIO_DIR; return the dir trackio writes to, None without trackio.
+
+    Call it at the start of the run, before the trainer imports trackio: trackio reads TRACKIO_DIR once, at import.
+    """
+    global _trackio_dir_set_here
+    if "trackio" not in report_to:
+        return None
+    chosen = os.environ.get("TRACKIO_DIR")
+    if chosen and chosen != _trackio_dir_set_here:
+        return Path(chosen)
+    wanted = str((output_dir / TRACKIO_DIR).absolute())
+    imported = sys.modules.get("trackio.utils")
+    if imported is not None and str(imported.TRACKIO_DIR) != wanted:
+        print(
+            f"warning: report_to: trackio was imported before this run, so it logs to {imported.TRACKIO_DIR}, not "
+            f"{wanted}; to choose, set TRACKIO_DIR before trackio is first imported."
+        )
+        return Path(imported.TRACKIO_DIR)
+    os.environ["TRACKIO_DIR"] = _trackio_dir_set_here = wanted
+    return Path(wanted)
