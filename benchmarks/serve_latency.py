@@ -11,6 +11,15 @@ greedy with a fixed number of new tokens at most. Each round sends every prompt 
 (the server is idle while the in-process reference runs). "First content" is the time from sending the request to
 the first chunk with text: TextIteratorStreamer releases text at word boundaries, so it is the first word for
 both. Writes benchmarks/results/serve_latency.json and the table in benchmarks/README.md.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serve_latency.py --load                  # the load test
+
+The load test runs two servers of the same model, `--max-batch-size 1` (one answer at a time) and the default
+continuous batching (`--max-batch-size 16`), and sends each the same streamed greedy chat requests from 1, 4 and 16
+concurrent clients (threads of this process, each sending its next request once its answer is complete), in
+alternating rounds. Per setting: aggregate generated tokens/s (the servers' usage counts over the wall time of all
+requests) and the p50 / p95 time to the first content chunk. Writes benchmarks/results/serve_load.json and prints a
+markdown table (benchmarks/README.md is left alone).
 """
 
 from __future__ import annotations
@@ -66,11 +75,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(model: Path, port: int, max_tokens: int) -> subprocess.Popen:
-    """`hfpipe serve` as a subprocess; returns once /v1/models answers."""
+def start_server(model: Path, port: int, max_tokens: int, *flags: str) -> subprocess.Popen:
+    """`hfpipe serve` as a subprocess (with extra `flags`); returns once /v1/models answers."""
     import openai
 
-    command = [sys.executable, "-m", "hfpipe.cli", "serve", str(model), "--port", str(port)]
+    command = [sys.executable, "-m", "hfpipe.cli", "serve", str(model), "--port", str(port), *flags]
     process = subprocess.Popen(
         [*command, "--model-id", "bench", "--max-new-tokens", str(max_tokens)],
         stdout=subprocess.DEVNULL,
@@ -178,15 +187,181 @@ Target: first content chunk within a few milliseconds of in-process generation.
 """
 
 
+def load_run(url: str, prompts: list[str], clients: int, requests: int, max_tokens: int) -> dict:
+    """`requests` streamed chat completions (prompts in turn) from `clients` threads, each sending its next
+    request when its answer is complete: aggregate generated tokens/s over the wall time, and every request's time
+    to the first content chunk."""
+    import openai
+
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+    lock, queue, done = threading.Lock(), list(range(requests)), []
+
+    def one(index: int) -> tuple[float | None, int]:
+        start, first, tokens = time.perf_counter(), None, 0
+        stream = client.chat.completions.create(
+            model="bench",
+            messages=[{"role": "user", "content": prompts[index % len(prompts)]}],
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content and first is None:
+                first = time.perf_counter() - start
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        return first, tokens
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                index = queue.pop(0)
+            result = one(index)
+            with lock:
+                done.append(result)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    firsts = sorted(first for first, _ in done if first is not None)
+    tokens = sum(count for _, count in done)
+    return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall, "first_s": firsts}
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """The `fraction` quantile (nearest rank) of sorted values."""
+    return values[min(len(values) - 1, max(0, round(fraction * len(values) + 0.5) - 1))]
+
+
+def load_table(result: dict) -> str:
+    """The markdown table of a load test result."""
+    lines = [
+        f"{result['model']}, OMP_NUM_THREADS={result['omp_num_threads']}, {result['requests']} streamed greedy chat "
+        f"requests of at most {result['max_tokens']} new tokens per setting, {result['rounds']} alternating rounds "
+        f"(medians), machine load average {' / '.join(map(str, result['load_average_1min']))} (start / end); "
+        f"batched answers equal to one-at-a-time answers: {result['same_text']}/{result['prompts']}",
+        "",
+        "| clients | one at a time tok/s | batched tok/s | speed-up | TTFT p50 / p95 ms, one at a time | "
+        "TTFT p50 / p95 ms, batched |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in result["table"]:
+        single, batched = row["one_at_a_time"], row["batched"]
+        lines.append(
+            f"| {row['clients']} | {single['tokens_per_s']:.0f} | {batched['tokens_per_s']:.0f} | "
+            f"**{row['speedup']:.2f}x** | {single['ttft_p50_ms']:.0f} / {single['ttft_p95_ms']:.0f} | "
+            f"{batched['ttft_p50_ms']:.0f} / {batched['ttft_p95_ms']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Medians over rounds of one setting."""
+    return {
+        "tokens_per_s": statistics.median(run["tokens_per_s"] for run in runs),
+        "ttft_p50_ms": 1000 * statistics.median(percentile(run["first_s"], 0.5) for run in runs),
+        "ttft_p95_ms": 1000 * statistics.median(percentile(run["first_s"], 0.95) for run in runs),
+    }
+
+
+def same_answers(urls: dict[str, str], prompts: list[str], max_tokens: int) -> int:
+    """How many prompts get the same greedy text from both servers, sent all at once to the batched one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    def ask(url: str, prompt: str) -> str:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+        messages = [{"role": "user", "content": prompt}]
+        answer = client.chat.completions.create(model="bench", messages=messages, max_tokens=max_tokens, temperature=0)
+        return answer.choices[0].message.content
+
+    single = [ask(urls["one_at_a_time"], prompt) for prompt in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        batched = list(pool.map(lambda prompt: ask(urls["batched"], prompt), prompts))
+    return sum(a == b for a, b in zip(single, batched, strict=True))
+
+
+def run_load_test(args: argparse.Namespace) -> None:
+    """The load test: both servers, 1 / 4 / 16 clients, alternating rounds; JSON and a printed table."""
+    import torch
+
+    load_before = os.getloadavg()[0]
+    prompts = load_prompts(args.load_prompts)
+    with tempfile.TemporaryDirectory() as work:
+        model = args.model
+        if model is None:
+            model = QUICKSTART_SFT if (QUICKSTART_SFT / "metrics.json").is_file() else build_fallback_model(Path(work))
+        modes = {"one_at_a_time": "1", "batched": str(args.max_batch_size)}
+        ports = {mode: free_port() for mode in modes}
+        servers = {
+            mode: start_server(model, ports[mode], args.max_tokens, "--max-batch-size", size)
+            for mode, size in modes.items()
+        }
+        urls = {mode: f"http://127.0.0.1:{port}/v1" for mode, port in ports.items()}
+        try:
+            for url in urls.values():  # warm-up: first-call costs are not throughput
+                load_run(url, prompts, 4, 8, args.max_tokens)
+            same = same_answers(urls, prompts[:16], args.max_tokens)
+            runs: dict[str, dict[int, list[dict]]] = {mode: {c: [] for c in args.clients} for mode in modes}
+            for _ in range(args.rounds):
+                for clients in args.clients:
+                    for mode, url in urls.items():
+                        runs[mode][clients].append(load_run(url, prompts, clients, args.requests, args.max_tokens))
+        finally:
+            for server in servers.values():
+                server.terminate()
+                server.wait(timeout=60)
+    table = []
+    for clients in args.clients:
+        row = {"clients": clients, **{mode: summarize(runs[mode][clients]) for mode in modes}}
+        row["speedup"] = row["batched"]["tokens_per_s"] / row["one_at_a_time"]["tokens_per_s"]
+        table.append(row)
+    result = {
+        "model": str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else "random GPT-2 4x4x128, 2048 vocab",
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", f"unset ({torch.get_num_threads()} torch threads)"),
+        "max_batch_size": args.max_batch_size,
+        "requests": args.requests,
+        "rounds": args.rounds,
+        "max_tokens": args.max_tokens,
+        "prompts": min(16, len(prompts)),
+        "same_text": same,
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "table": table,
+        "runs": {mode: {str(c): r for c, r in by_clients.items()} for mode, by_clients in runs.items()},
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "serve_load.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(load_table(result))
+
+
 def main() -> None:
-    """Run the benchmark; write the JSON result and the README table."""
+    """Run the benchmark (or with --load the load test); write the JSON result and the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="a model dir (default: outputs/quickstart/sft, or a random one)")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=48)
+    load = parser.add_argument_group("load test")
+    load.add_argument("--load", action="store_true", help="run the load test instead of the latency comparison")
+    load.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients per setting")
+    load.add_argument("--requests", type=int, default=96, help="requests per setting and round")
+    load.add_argument("--load-prompts", type=int, default=64, help="distinct prompts sent in turn")
+    load.add_argument("--max-batch-size", type=int, default=16, help="the batched server's --max-batch-size")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.load:
+        if args.rounds == parser.get_default("rounds"):
+            args.rounds = 3
+        run_load_test(args)
+        return
     import openai
     import torch
 

@@ -199,8 +199,12 @@ LONG = "the king " * 40
         ({"top_p": 1.5}, openai.BadRequestError, r"top_p: 1.5 is outside \(0, 1\]"),
         ({"max_tokens": 0}, openai.BadRequestError, "max_tokens: 0 must be at least 1"),
         ({"max_completion_tokens": -3}, openai.BadRequestError, "max_completion_tokens: -3 must be at least 1"),
-        ({"n": 2}, openai.BadRequestError, "n: 2 is not supported"),
-        ({"logprobs": True}, openai.BadRequestError, "logprobs: not supported"),
+        ({"n": 0}, openai.BadRequestError, "n: 0 must be at least 1"),
+        ({"n": 200}, openai.BadRequestError, "1 prompt\\(s\\) x n=200 is more than 128 choices"),
+        ({"top_logprobs": 3}, openai.BadRequestError, "top_logprobs: requires logprobs: true"),
+        ({"logprobs": True, "top_logprobs": 21}, openai.BadRequestError, r"top_logprobs: 21 is outside \[0, 20\]"),
+        ({"logprobs": True, "stream": True}, openai.BadRequestError, "logprobs: not supported with stream: true"),
+        ({"presence_penalty": 0.5}, openai.BadRequestError, "presence_penalty: not supported by this server"),
         ({"messages": []}, openai.BadRequestError, "messages: List should have at least 1 item"),
         ({"messages": "hello"}, openai.BadRequestError, "messages: Input should be a valid list"),
         ({"messages": [{"role": "bot", "content": "x"}]}, openai.BadRequestError, r"messages\[0\].role: Input should"),
@@ -223,12 +227,6 @@ def test_bad_requests_are_openai_errors(client: openai.OpenAI, options: dict, er
     assert set(raised.value.body) == {"message", "type", "param", "code"}
 
 
-def test_completion_prompt_lists_of_several_are_refused(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError, match="a list of 2 prompts is not supported") as raised:
-        client.completions.create(model=MODEL_ID, prompt=["a", "b"], max_tokens=2)
-    assert raised.value.param == "prompt"
-
-
 def post_raw(url: str, body: bytes) -> tuple[int, dict]:
     """POST bytes as JSON; return the status and the decoded JSON answer."""
     request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
@@ -245,8 +243,10 @@ def post_raw(url: str, body: bytes) -> tuple[int, dict]:
         ("/chat/completions", b'{"model": "tiny", "messages": [', 400, "The request body is not valid JSON"),
         ("/chat/completions", b'{"model": "tiny"}', 400, "messages: Field required"),
         ("/chat/completions", b"[1, 2]", 400, "request body: Input should be a valid dictionary"),
-        ("/completions", b'{"model": "tiny", "prompt": [1, 2]}', 400, "prompt: must be a string or a list of one"),
-        ("/embeddings", b"{}", 404, "Not Found"),
+        ("/completions", b'{"model": "tiny", "prompt": [1, "a"]}', 400, "prompt: must be a string, a list of"),
+        ("/completions", b'{"model": "tiny", "prompt": []}', 400, "prompt: must not be an empty list"),
+        ("/completions", b'{"model": "tiny", "prompt": [5000]}', 400, "prompt: token id 5000 is outside"),
+        ("/completions", b'{"model": "tiny", "prompt": "a", "logprobs": true}', 400, "logprobs: must be an integer"),
     ],
 )
 def test_malformed_bodies_get_openai_error_json(
@@ -258,11 +258,52 @@ def test_malformed_bodies_get_openai_error_json(
     assert answer["error"]["type"] == "invalid_request_error"
 
 
+TOOL_CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"tools": [TOOL]},
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
+            ]
+        },
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42", "tool_call_id": "call_1"}]},
+    ],
+)
+def test_tool_calling_is_refused_in_one_clear_error(client: openai.OpenAI, options: dict) -> None:
+    request = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], **options}
+    with pytest.raises(openai.BadRequestError, match="Tool calling is not supported by hfpipe serve") as raised:
+        client.chat.completions.create(**request)
+    assert raised.value.param in ("tools", "messages[1]")
+
+
+def test_other_endpoints_are_openai_404s_naming_the_supported_ones(client: openai.OpenAI, base_url: str) -> None:
+    supported = "Supported: POST /v1/chat/completions, POST /v1/completions, GET /v1/models"
+    with pytest.raises(openai.NotFoundError, match=r"Embeddings \(/v1/embeddings\) are not supported") as raised:
+        client.embeddings.create(model=MODEL_ID, input="hi")
+    assert supported in raised.value.message and raised.value.code == "unsupported_endpoint"
+    with pytest.raises(openai.NotFoundError, match=r"The Responses API \(/v1/responses\) is not supported"):
+        client.responses.create(model=MODEL_ID, input="hi")
+    for path in ("/audio/speech", "/"):
+        code, answer = post_raw(base_url + path, b"{}")
+        assert code == 404 and answer["error"]["message"].startswith(f"POST /v1{path} is not an endpoint")
+        assert supported in answer["error"]["message"] and answer["error"]["type"] == "invalid_request_error"
+    with pytest.raises(urllib.error.HTTPError) as wrong_method:
+        urllib.request.urlopen(base_url + "/chat/completions", timeout=60)
+    assert wrong_method.value.code == 405
+    assert json.load(wrong_method.value)["error"]["message"].startswith("GET /v1/chat/completions: method not allowed")
+
+
 def test_concurrent_requests_each_get_their_own_answer(client: openai.OpenAI) -> None:
     prompts = ["the king", "my lady", "what night", "sweet love", "thou shalt", "good day"]
 
     def ask(index: int) -> str:
-        # seeded sampling reseeds the one global RNG: only one generation at a time keeps the answers reproducible
+        # a seeded row draws from its own generator: its answer does not depend on the rows decoded beside it
         options = {"temperature": 0} if index % 3 else {"temperature": 1.0, "seed": index}
         if index % 2:
             stream = chat(client, prompts[index], max_tokens=8, stream=True, **options)
@@ -362,6 +403,7 @@ def free_port() -> int:
         (["--port", "0"], "error: --port 0: must be between 1 and 65535."),
         (["--max-new-tokens", "0"], "error: --max-new-tokens 0: must be greater than 0."),
         (["--model-id", " "], "error: --model-id: must not be empty."),
+        (["--max-batch-size", "0"], "error: --max-batch-size 0: must be at least 1."),
     ],
 )
 def test_bad_flags_are_one_line(tiny_gpt2_dir: Path, capsys, flags: list[str], message: str) -> None:

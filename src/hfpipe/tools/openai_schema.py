@@ -1,30 +1,46 @@
 """OpenAI API shapes for `hfpipe serve`: the request bodies of /v1/chat/completions and /v1/completions (pydantic
-models plus the checks pydantic cannot express), and the JSON of responses, stream chunks, models and errors as
-OpenAI's API returns them, so that unmodified OpenAI clients can parse them."""
+models plus the checks pydantic cannot express), and the JSON of responses, stream chunks, models and errors, built
+from the `openai` package's own types so that unmodified OpenAI clients can parse them."""
 
 from __future__ import annotations
 
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:  # the openai package loads with the first response: `hfpipe serve --help` stays fast
+    from openai.types import CompletionChoice, CompletionUsage
+    from openai.types.chat.chat_completion import Choice as ChatChoice
+    from openai.types.chat.chat_completion import ChoiceLogprobs
+    from openai.types.completion_choice import Logprobs
+
+# What this server answers; named in every "not supported" error so that the client knows what it can use.
+SUPPORTED_ENDPOINTS = "POST /v1/chat/completions, POST /v1/completions, GET /v1/models and GET /v1/models/{model}"
+TOOLS_UNSUPPORTED = (
+    "Tool calling is not supported by hfpipe serve: it generates plain text. Send messages with text content "
+    "(roles system, developer, user, assistant) and no tools, tool_calls or tool messages."
+)
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat top_logprobs (its legacy completions allowed 5)
+MAX_CHOICES = 128  # prompts x n in one request: each choice is a row of the decoding batch
 
 # Request fields we cannot honour, with the value that means "not used"; any other value is a 400, not silently
 # ignored. Fields not listed here and not modelled below (user, metadata, store, ...) are ignored.
 UNSUPPORTED_FIELDS: dict[str, Any] = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
-    "tools": (None, []),
-    "functions": (None, []),
     "logit_bias": (None, {}),
     "presence_penalty": (None, 0),
     "frequency_penalty": (None, 0),
-    "echo": (None, False),
     "best_of": (None, 1),
     "suffix": (None, ""),
     "response_format": (None, {"type": "text"}),
+}
+TOOL_FIELDS: dict[str, Any] = {
+    "tools": (None, []),
+    "functions": (None, []),
+    "tool_choice": (None, "none"),
+    "function_call": (None, "none"),
 }
 
 
@@ -54,6 +70,18 @@ def error_body(
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
+def unsupported_endpoint(method: str, path: str) -> RequestError:
+    """The 404 for a route this server does not have, naming the ones it has (embeddings and the Responses API get
+    a sentence of their own: clients try them first)."""
+    if path.rstrip("/").startswith("/v1/embeddings"):
+        what = "Embeddings (/v1/embeddings) are not supported by hfpipe serve: it serves a causal LM for generation."
+    elif path.rstrip("/").startswith("/v1/responses"):
+        what = "The Responses API (/v1/responses) is not supported by hfpipe serve; use /v1/chat/completions."
+    else:
+        what = f"{method} {path} is not an endpoint of hfpipe serve."
+    return RequestError(f"{what} Supported: {SUPPORTED_ENDPOINTS}.", code="unsupported_endpoint", status=404)
+
+
 def validation_error(errors: Sequence[dict[str, Any]]) -> RequestError:
     """Turn FastAPI's validation errors (pydantic's, or a JSON decode error) into one 400 naming the first field."""
     first = errors[0]
@@ -70,6 +98,14 @@ def _string_or_strings(value: Any) -> bool:
     return isinstance(value, str) or (isinstance(value, list) and all(isinstance(item, str) for item in value))
 
 
+def _token_ids(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and all(isinstance(item, int) and not isinstance(item, bool) and item >= 0 for item in value)
+    )
+
+
 class ChatMessage(BaseModel):
     """One message of a chat request; `content` is normalised to a string (text parts joined)."""
 
@@ -77,6 +113,16 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_tools(cls, value: Any) -> Any:
+        # before the field checks: an assistant tool call has content null, which would be a confusing error
+        if isinstance(value, dict) and (
+            value.get("role") in ("tool", "function") or value.get("tool_calls") or value.get("function_call")
+        ):
+            raise ValueError(TOOLS_UNSUPPORTED)
+        return value
 
     @field_validator("content", mode="before")
     @classmethod
@@ -127,56 +173,126 @@ class GenerationRequest(BaseModel):
         """The stop sequences as a list."""
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    def choices_per_prompt(self) -> int:
+        """n, the number of choices generated for each prompt."""
+        return self.n or 1
+
+    def top_logprobs_count(self) -> int | None:
+        """How many alternatives to report at each token when log-probs are asked for (0: only the token's own),
+        None when they are not."""
+        return None
+
+    def echoes(self) -> bool:
+        """Whether the prompt is returned (and scored) before the completion."""
+        return False
+
 
 class ChatCompletionRequest(GenerationRequest):
     """Body of POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
     def requested_tokens(self) -> int | None:
         """max_completion_tokens (the current name) or max_tokens (the deprecated one)."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def top_logprobs_count(self) -> int | None:
+        """top_logprobs (default 0) when logprobs is true."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(GenerationRequest):
-    """Body of POST /v1/completions."""
+    """Body of POST /v1/completions: `prompt` is a string, a list of strings, a list of token ids or a list of
+    token-id lists (as lm-evaluation-harness sends them)."""
 
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
     def _check_prompt(cls, value: Any) -> Any:
-        if _string_or_strings(value):
+        if isinstance(value, list) and not value:
+            raise ValueError("must not be an empty list")
+        if _string_or_strings(value) or _token_ids(value):
             return value
-        raise ValueError("must be a string or a list of one string (token id lists are not supported)")
+        if isinstance(value, list) and all(_token_ids(item) for item in value):
+            return value
+        raise ValueError(
+            "must be a string, a list of strings, a list of token ids or a list of token-id lists "
+            "(token ids are non-negative integers, lists non-empty)"
+        )
 
-    def prompt_text(self) -> str:
-        """The single prompt string."""
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _check_logprobs(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # pydantic would take True as 1: the chat API's boolean sent to the wrong place
+            raise ValueError(f"must be an integer (how many top log-probs per token, 0 to {MAX_TOP_LOGPROBS})")
+        return value
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The prompts as a list: strings, or token-id lists."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if isinstance(self.prompt[0], int):
+            return [self.prompt]  # type: ignore[list-item]
+        return self.prompt  # type: ignore[return-value]
+
+    def top_logprobs_count(self) -> int | None:
+        """logprobs: how many alternatives per token (None: no log-probs)."""
+        return self.logprobs
+
+    def echoes(self) -> bool:
+        """echo: the prompt comes back before the completion, its tokens scored."""
+        return bool(self.echo)
 
 
 def check_request(request: GenerationRequest) -> None:
     """Raise RequestError for values OpenAI's API would reject, or that this server cannot honour."""
-    if request.n not in (None, 1):
-        raise RequestError(f"n: {request.n} is not supported; this server returns one choice per request (n=1).", "n")
+    for name, value in (request.model_extra or {}).items():
+        if name in TOOL_FIELDS and value not in TOOL_FIELDS[name]:
+            raise RequestError(TOOLS_UNSUPPORTED, name, "unsupported_parameter")
+        if name in UNSUPPORTED_FIELDS and value not in UNSUPPORTED_FIELDS[name]:
+            raise RequestError(f"{name}: not supported by this server; leave it out.", name)
+    if request.n is not None and request.n < 1:
+        raise RequestError(f"n: {request.n} must be at least 1.", "n")
     if request.temperature is not None and not 0 <= request.temperature <= 2:
         raise RequestError(f"temperature: {request.temperature} is outside [0, 2].", "temperature")
     if request.top_p is not None and not 0 < request.top_p <= 1:
         raise RequestError(f"top_p: {request.top_p} is outside (0, 1].", "top_p")
+    # max_tokens 0 with echo scores the prompt and generates nothing (OpenAI's legacy API allowed it)
+    lowest = 0 if request.echoes() else 1
     for name in ("max_tokens", "max_completion_tokens"):
         value = getattr(request, name, None)
-        if value is not None and value < 1:
-            raise RequestError(f"{name}: {value} must be at least 1.", name)
+        if value is not None and value < lowest:
+            raise RequestError(f"{name}: {value} must be at least {lowest}.", name)
     if any(not stop for stop in request.stop_strings()):
         raise RequestError("stop: stop sequences must not be empty strings.", "stop")
-    for name, value in (request.model_extra or {}).items():
-        if name in UNSUPPORTED_FIELDS and value not in UNSUPPORTED_FIELDS[name]:
-            raise RequestError(f"{name}: not supported by this server; leave it out.", name)
-    if isinstance(request, CompletionRequest) and isinstance(request.prompt, list) and len(request.prompt) != 1:
+    _check_logprobs(request)
+    prompts = len(request.prompts()) if isinstance(request, CompletionRequest) else 1
+    if prompts * request.choices_per_prompt() > MAX_CHOICES:
         raise RequestError(
-            f"prompt: a list of {len(request.prompt)} prompts is not supported; send one prompt per request.", "prompt"
+            f"{prompts} prompt(s) x n={request.choices_per_prompt()} is more than {MAX_CHOICES} choices in one "
+            "request; split it.",
+            "n" if prompts == 1 else "prompt",
         )
+
+
+def _check_logprobs(request: GenerationRequest) -> None:
+    if isinstance(request, ChatCompletionRequest):
+        name, count = "top_logprobs", request.top_logprobs
+        if count is not None and count > 0 and not request.logprobs:
+            raise RequestError("top_logprobs: requires logprobs: true.", name)
+    else:
+        name, count = "logprobs", request.top_logprobs_count()
+    if count is not None and not 0 <= count <= MAX_TOP_LOGPROBS:
+        raise RequestError(f"{name}: {count} is outside [0, {MAX_TOP_LOGPROBS}].", name)
+    if request.stream and (request.top_logprobs_count() is not None or request.echoes()):
+        what = "echo" if request.echoes() else "logprobs"
+        raise RequestError(f"{what}: not supported with stream: true; send the request without streaming.", what)
 
 
 def new_id(kind: str) -> str:
@@ -184,36 +300,49 @@ def new_id(kind: str) -> str:
     return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int) -> CompletionUsage:
     """The usage object."""
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
+    from openai.types import CompletionUsage
+
+    return CompletionUsage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
+
+
+def chat_choice(index: int, text: str, finish_reason: str, logprobs: ChoiceLogprobs | None = None) -> ChatChoice:
+    """One choice of a chat.completion."""
+    from openai.types.chat import ChatCompletionMessage
+    from openai.types.chat.chat_completion import Choice as ChatChoice
+
+    message = ChatCompletionMessage(role="assistant", content=text, refusal=None)
+    return ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=finish_reason)
+
+
+def completion_choice(index: int, text: str, finish_reason: str, logprobs: Logprobs | None = None) -> CompletionChoice:
+    """One choice of a text_completion. `Logprobs` is built with `construct`: its lists hold null for the first
+    echoed token, as OpenAI's do, which the type does not declare."""
+    from openai.types import CompletionChoice
+
+    return CompletionChoice.construct(index=index, text=text, logprobs=logprobs, finish_reason=finish_reason)
 
 
 def response(
-    kind: Literal["chat", "text"], response_id: str, model: str, text: str, finish_reason: str, usage_: dict
+    kind: Literal["chat", "text"],
+    response_id: str,
+    model: str,
+    choices: Sequence[ChatChoice | CompletionChoice],
+    usage_: CompletionUsage,
 ) -> dict[str, Any]:
     """A complete (non-streamed) chat.completion or text_completion object."""
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion
+
+    fields = {"id": response_id, "created": int(time.time()), "model": model, "choices": list(choices)}
     if kind == "chat":
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": None,
-            "finish_reason": finish_reason,
-        }
+        body: Any = ChatCompletion(object="chat.completion", usage=usage_, **fields)
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    return {
-        "id": response_id,
-        "object": "chat.completion" if kind == "chat" else "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-        "usage": usage_,
-    }
+        body = Completion.construct(object="text_completion", usage=usage_, **fields)
+    return body.to_dict(mode="json")
 
 
 def chunk(
@@ -224,36 +353,37 @@ def chunk(
     finish_reason: str | None = None,
     with_usage: bool = False,
     first: bool = False,
+    index: int = 0,
 ) -> dict[str, Any]:
-    """One streamed chunk (chat.completion.chunk or text_completion) carrying `text` or a finish reason. With
-    `with_usage` (stream_options.include_usage) it has "usage": null, as OpenAI's chunks then do."""
-    if kind == "chat":
-        delta: dict[str, Any] = {} if text is None else {"content": text}
-        if first:
-            delta["role"] = "assistant"
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-    else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-    body = {
-        "id": response_id,
-        "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-    }
+    """One streamed chunk (chat.completion.chunk or text_completion) of choice `index`, carrying `text` or a finish
+    reason. With `with_usage` (stream_options.include_usage) it has "usage": null, as OpenAI's chunks then do."""
+    from openai.types import Completion, CompletionChoice
+    from openai.types.chat import ChatCompletionChunk
+    from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
+    from openai.types.chat.chat_completion_chunk import ChoiceDelta
+
+    fields: dict[str, Any] = {"id": response_id, "created": int(time.time()), "model": model}
     if with_usage:
-        body["usage"] = None
-    return body
+        fields["usage"] = None
+    if kind == "chat":
+        delta_fields = {"content": text} if text is not None else {}
+        delta = ChoiceDelta(**delta_fields, **({"role": "assistant"} if first else {}))
+        choice = ChunkChoice(index=index, delta=delta, logprobs=None, finish_reason=finish_reason)
+        return ChatCompletionChunk(object="chat.completion.chunk", choices=[choice], **fields).to_dict(mode="json")
+    text_choice = CompletionChoice.construct(index=index, text=text or "", logprobs=None, finish_reason=finish_reason)
+    return Completion.construct(object="text_completion", choices=[text_choice], **fields).to_dict(mode="json")
 
 
-def usage_chunk(kind: Literal["chat", "text"], response_id: str, model: str, usage_: dict) -> dict[str, Any]:
+def usage_chunk(kind: Literal["chat", "text"], response_id: str, model: str, usage_: CompletionUsage) -> dict[str, Any]:
     """The last chunk of a stream with stream_options.include_usage: no choices, the usage."""
     body = chunk(kind, response_id, model, None)
     body["choices"] = []
-    body["usage"] = usage_
+    body["usage"] = usage_.to_dict(mode="json")
     return body
 
 
 def model_object(model_id: str, created: int) -> dict[str, Any]:
     """One entry of /v1/models."""
-    return {"id": model_id, "object": "model", "created": created, "owned_by": "hfpipe"}
+    from openai.types import Model
+
+    return Model(id=model_id, object="model", created=created, owned_by="hfpipe").to_dict(mode="json")

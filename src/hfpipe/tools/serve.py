@@ -4,12 +4,16 @@ streaming as server-sent events, so that the openai client, LangChain or Semanti
   hfpipe serve outputs/quickstart/sft --port 8000
   then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused").chat.completions.create(model="sft", ...)
 
-Requests name the served model id (--model-id, default the model dir's name); any other id is a 404
-model_not_found, as with OpenAI. Chat messages are rendered with the tokenizer's chat template, or without one in
-hfpipe's '### Instruction:' layout. Decoding is greedy unless the request sets a temperature above 0 or a top_p.
-One generation runs at a time; other requests wait their turn. On SIGTERM or Ctrl+C, waiting requests get a 503,
-the running generation gets 5 s to finish (then it is cut: a 503, or an error event in a stream), and the server
-exits with code 0.
+Requests name the served model id (--model-id, default the model dir's name; --lora NAME=DIR adds LoRA adapters of
+the same base under their own ids); any other id is a 404 model_not_found, as with OpenAI. Chat messages are
+rendered with the tokenizer's chat template, or without one in hfpipe's '### Instruction:' layout. Decoding is greedy
+unless the request sets a temperature above 0 or a top_p. Completions take a prompt list (strings or token ids),
+`n`, `logprobs` and `echo` (what lm-evaluation-harness's local-completions model sends); chat takes `n`, `logprobs`
+and `top_logprobs`. Tool calls, /v1/embeddings, /v1/responses and unknown routes get an OpenAI-shaped error naming
+what is supported. Answers are continuously batched: a request that arrives while others decode joins them at the
+next step (--max-batch-size rows; 1 answers one at a time). On SIGTERM or Ctrl+C, waiting requests get a 503, the
+running answers get 5 s to finish (then they are cut: a 503, or an error event in a stream), and the server exits
+with code 0.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from hfpipe.tools.model_flags import add_model_argument, add_model_flags
 
 # At module level (pydantic only, no torch): FastAPI resolves a route's (string) annotations in these globals.
 from hfpipe.tools.openai_schema import (
+    SUPPORTED_ENDPOINTS,
     ChatCompletionRequest,
     CompletionRequest,
     GenerationRequest,
@@ -43,7 +48,7 @@ from hfpipe.tools.openai_schema import (
     model_object,
     new_id,
     response,
-    usage,
+    unsupported_endpoint,
     usage_chunk,
     validation_error,
 )
@@ -53,9 +58,12 @@ if TYPE_CHECKING:
     from uvicorn import Config
 
     from hfpipe.models.trained import LoadedModel
-    from hfpipe.tools.serve_worker import Job, ModelWorker
+    from hfpipe.tools.serve_adapters import Served
+    from hfpipe.tools.serve_batch import Job
+    from hfpipe.tools.serve_worker import ModelWorker
 
 DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_MAX_BATCH_SIZE = 16  # rows (choices) of one generate call
 GENERATION_GRACE_SECONDS = 5  # after SIGTERM the running generation may finish within this; then it is cut
 # uvicorn cancels requests still open this long after SIGTERM (with tracebacks); the cut above comes first
 GRACEFUL_SHUTDOWN_SECONDS = GENERATION_GRACE_SECONDS + 5
@@ -75,6 +83,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_NEW_TOKENS,
         help=f"new tokens when a request sets no max_tokens (default: {DEFAULT_MAX_NEW_TOKENS}, within the context)",
     )
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=DEFAULT_MAX_BATCH_SIZE,
+        help="answers decoded together at most: a request that arrives while others decode joins them at the next "
+        f"step (default: {DEFAULT_MAX_BATCH_SIZE}; 1: one answer at a time)",
+    )
+    parser.add_argument(
+        "--lora",
+        action="append",
+        metavar="NAME=DIR",
+        help="also serve the LoRA adapter in DIR, trained on MODEL, as the model id NAME (repeatable; one base in "
+        "memory, requests choose by their model field)",
+    )
     add_model_flags(parser)
 
 
@@ -83,8 +105,13 @@ def check_args(args: argparse.Namespace) -> None:
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port}: must be between 1 and 65535.")
     check_sampling_values(max_new_tokens=args.max_new_tokens)
+    if args.max_batch_size < 1:
+        raise ConfigError(f"--max-batch-size {args.max_batch_size}: must be at least 1.")
     if args.model_id is not None and not args.model_id.strip():
         raise ConfigError("--model-id: must not be empty.")
+    from hfpipe.tools.serve_adapters import parse_lora_flags
+
+    args.adapters = parse_lora_flags(args.lora, args.model_id)
     check_port_free(args.host, args.port)
 
 
@@ -126,17 +153,27 @@ def sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def create_app(loaded: LoadedModel, model_id: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> FastAPI:
+def create_app(
+    loaded: LoadedModel,
+    model_id: str,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    served: dict[str, Served] | None = None,
+) -> FastAPI:
     """The FastAPI app serving `loaded` as `model_id` with OpenAI's routes; `max_new_tokens` applies to requests
-    without max_tokens. Its lifespan's end stops running generations and the generation thread."""
+    without max_tokens, `max_batch_size` rows at most decode together (1: one at a time). `served` (from
+    serve_adapters.load_adapters) adds LoRA adapters of the same base, each under its own id. Its lifespan's end
+    stops running generations and the generation thread."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
-    from hfpipe.tools.serve_worker import ModelWorker, prepare_job
+    from hfpipe.tools.serve_adapters import Served
+    from hfpipe.tools.serve_worker import ModelWorker, prepare_jobs
 
-    worker = ModelWorker(loaded)
+    served = served or {model_id: Served(loaded)}
+    worker = ModelWorker(served[model_id].loaded, max_batch_size)
     created = int(time.time())
 
     @asynccontextmanager
@@ -156,40 +193,48 @@ def create_app(loaded: LoadedModel, model_id: str, max_new_tokens: int = DEFAULT
         return JSONResponse(validation_error(error.errors()).body(), status_code=400)
 
     @app.exception_handler(HTTPException)
-    async def _http_error(_: Request, error: HTTPException) -> JSONResponse:  # unknown routes, wrong methods
-        return JSONResponse(error_body(str(error.detail)), status_code=error.status_code, headers=error.headers)
+    async def _http_error(request: Request, error: HTTPException) -> JSONResponse:  # unknown routes, wrong methods
+        message = str(error.detail)
+        if error.status_code == 404:
+            refusal = unsupported_endpoint(request.method, request.url.path)
+            return JSONResponse(refusal.body(), status_code=404)
+        if error.status_code == 405:
+            message = f"{request.method} {request.url.path}: method not allowed. Supported: {SUPPORTED_ENDPOINTS}."
+        return JSONResponse(error_body(message), status_code=error.status_code, headers=error.headers)
 
     @app.exception_handler(Exception)
     async def _server_error(_: Request, error: Exception) -> JSONResponse:  # a bug: uvicorn still logs the traceback
         return JSONResponse(error_body(f"The server failed: {error}", "server_error"), status_code=500)
 
-    def check_model(name: str) -> None:
-        if name != model_id:
+    def check_model(name: str) -> Served:
+        if name not in served:
+            ids = ", ".join(f"'{served_id}'" for served_id in served)
             raise RequestError(
-                f"The model '{name}' does not exist: this server serves '{model_id}' (see /v1/models).",
+                f"The model '{name}' does not exist: this server serves {ids} (see /v1/models).",
                 "model",
                 "model_not_found",
                 status=404,
             )
+        return served[name]
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_object(model_id, created)]}
+        return {"object": "list", "data": [model_object(served_id, created) for served_id in served]}
 
     @app.get("/v1/models/{name:path}")
     async def retrieve_model(name: str) -> dict[str, Any]:
         check_model(name)
-        return model_object(model_id, created)
+        return model_object(name, created)
 
     async def complete(kind: Literal["chat", "text"], request: GenerationRequest) -> Any:
-        check_model(request.model)
+        target = check_model(request.model)
         check_request(request)
-        job = prepare_job(loaded, request, max_new_tokens)
+        jobs = prepare_jobs(target.loaded, request, max_new_tokens, target.adapter, target.eos_token_id)
         if request.stream:
             with_usage = bool(request.stream_options and request.stream_options.include_usage)
-            events = stream_events(worker, job, kind, model_id, with_usage)
+            events = stream_events(worker, jobs, request, kind, request.model, with_usage)
             return StreamingResponse(events, media_type="text/event-stream")
-        return await full_response(worker, job, kind, model_id)
+        return await full_response(worker, jobs, request, kind, request.model)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest) -> Any:
@@ -202,40 +247,51 @@ def create_app(loaded: LoadedModel, model_id: str, max_new_tokens: int = DEFAULT
     return app
 
 
-async def full_response(worker: ModelWorker, job: Job, kind: Literal["chat", "text"], model_id: str) -> dict:
-    """Generate the whole answer and return it as one chat.completion or text_completion object."""
-    pieces = []
-    async for item in worker.stream(job):
-        if isinstance(item, str):
-            pieces.append(item)
-        else:
-            finish = item
+async def full_response(
+    worker: ModelWorker, jobs: list[Job], request: GenerationRequest, kind: Literal["chat", "text"], model_id: str
+) -> dict:
+    """Generate every choice and return them as one chat.completion or text_completion object."""
+    from hfpipe.tools.serve_responses import choices, collect, total_usage
+
+    answers = await collect(worker.submit(jobs))
+    finishes = [answer.finish for answer in answers]
     return response(
         kind,
         new_id(kind),
         model_id,
-        "".join(pieces),
-        finish.finish_reason,
-        usage(finish.prompt_tokens, finish.completion_tokens),
+        choices(kind, request, worker.loaded.tokenizer, answers),
+        total_usage(jobs, finishes, request.choices_per_prompt()),
     )
 
 
 async def stream_events(
-    worker: ModelWorker, job: Job, kind: Literal["chat", "text"], model_id: str, with_usage: bool
+    worker: ModelWorker,
+    jobs: list[Job],
+    request: GenerationRequest,
+    kind: Literal["chat", "text"],
+    model_id: str,
+    with_usage: bool,
 ) -> AsyncIterator[str]:
-    """Server-sent events of one streamed answer: chunks as OpenAI sends them, then `data: [DONE]`. A failure
-    after the stream has started is sent as an error event."""
+    """Server-sent events of one streamed answer: chunks as OpenAI sends them (each choice's, interleaved, with its
+    index), then `data: [DONE]`. A failure after the stream has started is sent as an error event."""
+    from hfpipe.tools.serve_responses import merge, total_usage
+
     response_id = new_id(kind)
     if kind == "chat":
-        yield sse(chunk(kind, response_id, model_id, "", with_usage=with_usage, first=True))
+        for index in range(len(jobs)):
+            yield sse(chunk(kind, response_id, model_id, "", with_usage=with_usage, first=True, index=index))
+    finishes: dict[int, Any] = {}
     try:
-        async for item in worker.stream(job):
+        async for index, item in merge(worker.submit(jobs)):
             if isinstance(item, str):
-                yield sse(chunk(kind, response_id, model_id, item, with_usage=with_usage))
+                yield sse(chunk(kind, response_id, model_id, item, with_usage=with_usage, index=index))
                 continue
-            yield sse(chunk(kind, response_id, model_id, None, item.finish_reason, with_usage))
-            if with_usage:
-                yield sse(usage_chunk(kind, response_id, model_id, usage(item.prompt_tokens, item.completion_tokens)))
+            finishes[index] = item
+            yield sse(chunk(kind, response_id, model_id, None, item.finish_reason, with_usage, index=index))
+        if with_usage:
+            ordered = [finishes[index] for index in range(len(jobs))]
+            totals = total_usage(jobs, ordered, request.choices_per_prompt())
+            yield sse(usage_chunk(kind, response_id, model_id, totals))
     except RequestError as error:
         yield sse(error.body())
     except Exception as error:  # the response has started: report in the stream, log the traceback
@@ -272,16 +328,23 @@ def run(args: argparse.Namespace) -> None:
     from transformers.utils import logging as hf_logging
 
     from hfpipe.models.trained import load_for_inference
+    from hfpipe.tools.serve_adapters import check_adapter_bases, load_adapters
 
     hf_logging.disable_progress_bar()
     name, picked = model_or_latest_run(args.model)
     if picked:
         print(f"# no model named: serving {picked}: {name}", flush=True)
-    loaded = load_for_inference(name, args.dtype, args.device, args.trust_remote_code)
     model_id = args.model_id or default_model_id(name)
-    app = create_app(loaded, model_id, args.max_new_tokens)
+    if model_id in args.adapters:
+        raise ConfigError(f"--lora {model_id}=...: '{model_id}' is the base model's id; name the adapter otherwise.")
+    check_adapter_bases(name, args.adapters)
+    loaded = load_for_inference(name, args.dtype, args.device, args.trust_remote_code)
+    served = load_adapters(loaded, model_id, args.adapters)
+    app = create_app(loaded, model_id, args.max_new_tokens, args.max_batch_size, served)
     config = uvicorn.Config(
         app, host=args.host, port=args.port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, log_level="info"
     )
     print(start_line(args.host, args.port, model_id), flush=True)
+    if len(served) > 1:
+        print(f"# also serving LoRA adapters: {', '.join(list(served)[1:])}", flush=True)
     serve_until_stopped(app, config)

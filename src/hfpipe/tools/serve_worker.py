@@ -1,25 +1,17 @@
-"""The generation side of `hfpipe serve`: a request's prompt rendered as the model was trained, its
-GenerationConfig, and one worker thread that runs `model.generate` for one request at a time (the others wait
-in arrival order), streaming text through transformers' AsyncTextIteratorStreamer."""
+"""The generation side of `hfpipe serve`: a request's prompts rendered as the model was trained, one job per choice
+with its GenerationConfig, and one worker thread that decodes the queued jobs continuously batched: a request that
+arrives while others decode joins them at the next step, up to a maximum batch size (1: one answer at a time)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections import deque
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from typing import Any
 
-import torch
 from jinja2 import TemplateError
-from transformers import (
-    AsyncTextIteratorStreamer,
-    GenerationConfig,
-    PreTrainedTokenizerBase,
-    StoppingCriteria,
-    StoppingCriteriaList,
-    set_seed,
-)
+from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from hfpipe.models.trained import LoadedModel
 from hfpipe.tools.decoding import build_generation_config
@@ -31,27 +23,9 @@ from hfpipe.tools.openai_schema import (
     RequestError,
 )
 from hfpipe.tools.prompts import context_length, encode_prompt, render_chat_prompt
+from hfpipe.tools.serve_batch import CUT, ContinuousBatch, Finish, Job, Row
 
 SYSTEM_ROLES = ("system", "developer")  # OpenAI's newer clients send "developer" where older ones send "system"
-
-
-@dataclass
-class Job:
-    """One request, ready to generate."""
-
-    prompt_ids: list[int]
-    config: GenerationConfig
-    seed: int | None
-    stops: list[str]
-
-
-@dataclass
-class Finish:
-    """How a generation ended: the last item a stream yields."""
-
-    finish_reason: str  # "stop" (EOS or a stop sequence) or "length" (max tokens)
-    prompt_tokens: int
-    completion_tokens: int
 
 
 def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[ChatMessage]) -> list[int]:
@@ -75,12 +49,20 @@ def completion_prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> li
     return ids or [start]
 
 
+def checked_token_ids(loaded: LoadedModel, ids: list[int], param: str) -> list[int]:
+    """A prompt given as token ids, refused when an id is outside the model's vocabulary."""
+    size = loaded.model.get_input_embeddings().num_embeddings
+    if bad := [token for token in ids if token >= size]:
+        raise RequestError(f"{param}: token id {bad[0]} is outside the model's vocabulary (0 to {size - 1}).", param)
+    return ids
+
+
 def completion_budget(prompt_tokens: int, requested: int | None, default: int, context: int | None, param: str) -> int:
     """The number of new tokens to generate; a prompt that leaves no room, or an explicit request beyond the
     context, is a 400 with the token counts (OpenAI's context_length_exceeded)."""
     if context is None:
-        return requested or default
-    if prompt_tokens >= context:
+        return default if requested is None else requested
+    if prompt_tokens >= context and requested != 0:
         raise RequestError(
             f"This model's maximum context length is {context} tokens, and the prompt has {prompt_tokens} tokens. "
             "Shorten the prompt.",
@@ -95,7 +77,7 @@ def completion_budget(prompt_tokens: int, requested: int | None, default: int, c
             "max_tokens",
             "context_length_exceeded",
         )
-    return requested or min(default, context - prompt_tokens)
+    return min(default, context - prompt_tokens) if requested is None else requested
 
 
 def generation_config_for(loaded: LoadedModel, request: GenerationRequest, max_new_tokens: int) -> GenerationConfig:
@@ -108,7 +90,7 @@ def generation_config_for(loaded: LoadedModel, request: GenerationRequest, max_n
     return build_generation_config(
         loaded.model,
         loaded.tokenizer,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=max(max_new_tokens, 1),  # 0 (echo only) never decodes
         do_sample=False if greedy else None,
         temperature=None if greedy else request.temperature,
         top_p=None if greedy else request.top_p,
@@ -116,19 +98,54 @@ def generation_config_for(loaded: LoadedModel, request: GenerationRequest, max_n
     )
 
 
-def prepare_job(loaded: LoadedModel, request: GenerationRequest, default_max_new_tokens: int) -> Job:
-    """Render a chat or completion request's prompt and build its GenerationConfig; RequestError when it does not
-    fit the model's context."""
+def request_prompts(loaded: LoadedModel, request: GenerationRequest) -> tuple[list[list[int]], str]:
+    """The token ids of each prompt of a request, and the request field they come from."""
     if isinstance(request, ChatCompletionRequest):
-        prompt_ids, param = chat_prompt_ids(loaded.tokenizer, request.messages), "messages"
-    else:
-        assert isinstance(request, CompletionRequest)
-        prompt_ids, param = completion_prompt_ids(loaded.tokenizer, request.prompt_text()), "prompt"
-    budget = completion_budget(
-        len(prompt_ids), request.requested_tokens(), default_max_new_tokens, context_length(loaded.model), param
-    )
-    config = generation_config_for(loaded, request, budget)
-    return Job(prompt_ids, config, request.seed, request.stop_strings())
+        return [chat_prompt_ids(loaded.tokenizer, request.messages)], "messages"
+    assert isinstance(request, CompletionRequest)
+    prompts = request.prompts()
+    return [
+        completion_prompt_ids(loaded.tokenizer, prompt)
+        if isinstance(prompt, str)
+        else checked_token_ids(loaded, prompt, "prompt")
+        for prompt in prompts
+    ], "prompt"
+
+
+def prepare_jobs(
+    loaded: LoadedModel,
+    request: GenerationRequest,
+    default_max_new_tokens: int,
+    adapter: str | None = None,
+    eos_token_id: int | list[int] | None = None,
+) -> list[Job]:
+    """One job per choice, in choice order (prompt by prompt, n choices each), decoding with the LoRA `adapter`
+    and stopping at `eos_token_id` when given; RequestError when a prompt does not fit the model's context. With a
+    seed, sampled choice j of each prompt draws from seed + j."""
+    prompts, param = request_prompts(loaded, request)
+    jobs = []
+    for prompt_ids in prompts:
+        budget = completion_budget(
+            len(prompt_ids), request.requested_tokens(), default_max_new_tokens, context_length(loaded.model), param
+        )
+        config = generation_config_for(loaded, request, budget)
+        if eos_token_id is not None:
+            config.eos_token_id = eos_token_id
+        for choice in range(request.choices_per_prompt()):
+            seed = None if request.seed is None else request.seed + choice
+            jobs.append(
+                Job(
+                    prompt_ids,
+                    config,
+                    budget,
+                    seed,
+                    request.stop_strings(),
+                    request.top_logprobs_count(),
+                    request.echoes(),
+                    adapter,
+                )
+            )
+    return jobs
 
 
 class StopFilter:
@@ -161,99 +178,159 @@ class StopFilter:
         return text
 
 
-class RequestStop(StoppingCriteria):
-    """Stop a generation once its text contains a stop sequence, or its cancel event is set (the client went away,
-    or the server is shutting down). Unlike GenerationConfig.stop_strings, a stop sequence must lie in the generated
-    text: transformers' StopStringCriteria also matches one that begins in the prompt."""
+SHUTTING_DOWN = "The server is shutting down; retry later."
 
-    def __init__(
-        self, event: threading.Event, tokenizer: PreTrainedTokenizerBase, prompt_length: int, stops: list[str]
-    ) -> None:
-        self.event, self.tokenizer, self.prompt_length, self.stops = event, tokenizer, prompt_length, stops
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
-        done = self.event.is_set()
-        if self.stops and not done:
-            text = self.tokenizer.decode(input_ids[0, self.prompt_length :], skip_special_tokens=True)
-            done = any(stop in text for stop in self.stops)
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+class Outbox:
+    """What the worker thread sends to the requests' queues, handed to their event loop once per decoding step:
+    one wake-up of the loop per step rather than one per row and token."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any], Any]] = []
+        self._lock = threading.Lock()
+
+    def put(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any], item: Any) -> None:
+        """Hold `item` for `queue` until the next flush."""
+        with self._lock:
+            self._items.append((loop, queue, item))
+
+    def flush(self) -> None:
+        """Deliver what is held, in order."""
+        with self._lock:
+            items, self._items = self._items, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
+        for loop, queue, item in items:
+            by_loop.setdefault(loop, []).append((queue, item))
+        for loop, deliveries in by_loop.items():
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_deliver, deliveries)
+
+
+def _deliver(deliveries: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+    for queue, item in deliveries:
+        queue.put_nowait(item)
+
+
+class RowStream:
+    """The request side of a row: its text (stop sequences cut out), then its Finish."""
+
+    def __init__(self, job: Job, loop: asyncio.AbstractEventLoop, outbox: Outbox) -> None:
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.row = Row(job, lambda item: outbox.put(loop, self._queue, item))
+
+    def cancel(self) -> None:
+        """Stop the row at its next token (or before it starts): the client is gone."""
+        self.row.cancel.set()
+
+    async def __aiter__(self) -> AsyncIterator[str | Finish]:
+        stops = StopFilter(self.row.job.stops)
+        held = None
+        try:
+            while True:
+                item, held = (held, None) if held is not None else (await self._queue.get(), None)
+                if isinstance(item, str):
+                    # text that piled up while the event loop was busy goes out as one chunk
+                    while held is None and not self._queue.empty():
+                        following = self._queue.get_nowait()
+                        if isinstance(following, str):
+                            item += following
+                        else:
+                            held = following
+                    if text := stops.feed(item):
+                        yield text
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                if text := stops.flush():
+                    yield text
+                if item.finish_reason == CUT:
+                    raise RequestError(SHUTTING_DOWN, status=503, error_type="server_error")
+                yield item
+                return
+        finally:
+            self.cancel()  # reached early when the client disconnects
 
 
 class ModelWorker:
-    """Runs `model.generate` on one thread, one request at a time; requests wait in arrival order."""
+    """Decodes the queued rows on one thread, continuously batched: rows join the running batch (at most
+    `max_batch_size` rows) in arrival order as soon as there is room, and leave it the step they end."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
-        self.loaded = loaded
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hfpipe-generate")
-        self._running: set[threading.Event] = set()
-        self._stopping = False
+    def __init__(self, loaded: LoadedModel, max_batch_size: int) -> None:
+        self.loaded, self.max_batch_size = loaded, max_batch_size
+        self._pending: deque[Row] = deque()
+        self._outbox = Outbox()
+        self._batch = ContinuousBatch(loaded, max_batch_size)
+        self._wake = threading.Condition()
+        self._stopping = self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="hfpipe-generate", daemon=True)
+        self._thread.start()
 
-    async def stream(self, job: Job) -> AsyncIterator[str | Finish]:
-        """Yield the generated text in pieces (stop sequences cut out), then a Finish."""
-        streamer = AsyncTextIteratorStreamer(self.loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        cancel = threading.Event()
-        self._running.add(cancel)
-        stops = StopFilter(job.stops)
-        try:
-            future = self._executor.submit(self._generate, job, streamer, cancel)
-            async for piece in streamer:
-                if text := stops.feed(piece):
-                    yield text
-            if text := stops.flush():
-                yield text
-            output = await asyncio.wrap_future(future)
-        finally:
-            cut = cancel.is_set()  # only a shutdown sets it before this point
-            cancel.set()  # reached early when the client disconnects: the generation stops at its next token
-            self._running.discard(cancel)
-        if output is None or cut:
-            raise RequestError("The server is shutting down; retry later.", status=503, error_type="server_error")
-        yield self._finish(job, output[0, len(job.prompt_ids) :].tolist(), stops.stopped)
+    def submit(self, jobs: list[Job]) -> list[RowStream]:
+        """Queue a request's jobs; their streams, in the same order. A 503 once shutdown has begun."""
+        loop = asyncio.get_running_loop()
+        streams = [RowStream(job, loop, self._outbox) for job in jobs]
+        with self._wake:
+            if self._stopping:
+                raise RequestError(SHUTTING_DOWN, status=503, error_type="server_error")
+            self._pending.extend(stream.row for stream in streams)
+            self._wake.notify()
+        return streams
 
-    def _generate(
-        self, job: Job, streamer: AsyncTextIteratorStreamer, cancel: threading.Event
-    ) -> torch.LongTensor | None:
-        if cancel.is_set() or self._stopping:
-            streamer.end()
-            return None
-        try:
-            if job.seed is not None:
-                set_seed(job.seed)  # safe: this thread is the only one generating
-            input_ids = torch.tensor([job.prompt_ids], device=self.loaded.model.device)
-            return self.loaded.model.generate(
-                input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                generation_config=job.config,
-                streamer=streamer,
-                stopping_criteria=StoppingCriteriaList(
-                    [RequestStop(cancel, self.loaded.tokenizer, len(job.prompt_ids), job.stops)]
-                ),
-            )
-        except Exception:
-            streamer.end()  # otherwise the request would wait for text forever
-            raise
+    def _loop(self) -> None:
+        batch = self._batch
+        while True:
+            with self._wake:
+                while not self._pending and not batch.rows and not self._closed:
+                    self._wake.wait()
+                if self._closed:
+                    for decoding in batch.rows:
+                        decoding.row.reason = CUT
+                        decoding.row.finish()
+                    self._outbox.flush()
+                    return
+                joining = self._take(batch.room())
+            try:
+                if joining:
+                    batch.join(joining)
+                    self._outbox.flush()  # first tokens out before the next step
+                if batch.rows:
+                    batch.step()
+            except Exception as error:  # a failed forward pass: its rows get the error, the worker carries on
+                for row in joining:
+                    row.fail(error)
+                batch.fail(error)
+            self._outbox.flush()
 
-    def _finish(self, job: Job, new_ids: list[int], stopped_by_string: bool) -> Finish:
-        eos = job.config.eos_token_id if job.config.eos_token_id is not None else self.loaded.tokenizer.eos_token_id
-        eos_ids = set(eos) if isinstance(eos, list) else {eos}
-        at_limit = len(new_ids) >= job.config.max_new_tokens and not (new_ids and new_ids[-1] in eos_ids)
-        reason = "length" if at_limit and not stopped_by_string else "stop"
-        return Finish(reason, len(job.prompt_ids), len(new_ids))
+    def _take(self, count: int) -> list[Row]:
+        rows = []
+        while self._pending and len(rows) < count:
+            row = self._pending.popleft()
+            if not row.cancel.is_set():
+                rows.append(row)
+        return rows
 
     def begin_shutdown(self, grace_seconds: float) -> None:
-        """Answer queued requests with 503 now; let the running generation finish within `grace_seconds`, then
-        stop it at its next token (503, or an error event in a stream)."""
-        self._stopping = True
-        timer = threading.Timer(grace_seconds, self._cancel_running)
+        """Answer queued requests with 503 now; let the running rows finish within `grace_seconds`, then stop them
+        at their next token (503, or an error event in a stream)."""
+        with self._wake:
+            self._stopping = True
+            self._refuse_pending()
+        self._outbox.flush()
+        timer = threading.Timer(grace_seconds, self._batch.cancel_all)
         timer.daemon = True
         timer.start()
 
-    def _cancel_running(self) -> None:
-        for cancel in list(self._running):
-            cancel.set()
+    def _refuse_pending(self) -> None:
+        for row in self._pending:
+            row.reason = CUT
+            row.finish()
+        self._pending.clear()
 
     def close(self) -> None:
-        """Stop the running generation at its next token, drop queued ones, and end the worker thread."""
-        self._stopping = True
-        self._cancel_running()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        """Stop the running rows at their next token, answer queued rows with 503, and end the worker thread."""
+        with self._wake:
+            self._stopping = self._closed = True
+            self._refuse_pending()
+            self._wake.notify()
+        self._thread.join()
+        self._outbox.flush()
