@@ -325,7 +325,7 @@ def run_load_test(args: argparse.Namespace) -> None:
         row["speedup"] = row["batched"]["tokens_per_s"] / row["one_at_a_time"]["tokens_per_s"]
         table.append(row)
     result = {
-        "model": str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else "random GPT-2 4x4x128, 2048 vocab",
+        "model": model_label(model, args.model),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", f"unset ({torch.get_num_threads()} torch threads)"),
         "max_batch_size": args.max_batch_size,
         "requests": args.requests,
@@ -338,8 +338,16 @@ def run_load_test(args: argparse.Namespace) -> None:
         "runs": {mode: {str(c): r for c, r in by_clients.items()} for mode, by_clients in runs.items()},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serve_load.json").write_text(json.dumps(result, indent=2) + "\n")
+    name = "serve_load.json" if args.model is None else f"serve_load-{args.model.name}.json"
+    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
     print(load_table(result))
+
+
+def model_label(model: Path, given: Path | None) -> str:
+    """The served model as the results name it: a path in the repo, the name given, or the random fallback."""
+    if model.is_relative_to(ROOT):
+        return str(model.relative_to(ROOT))
+    return str(given) if given is not None else "random GPT-2 4x4x128, 2048 vocab"
 
 
 def main() -> None:

@@ -49,8 +49,8 @@ class Architecture:
 
 
 def _gpt2_problem(config: PretrainedConfig) -> str | None:
-    if config.activation_function != "gelu_new":
-        return f"activation_function {config.activation_function} (llama.cpp's GPT-2 computes gelu_new)"
+    if config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):  # one function, two implementations
+        return f"activation_function {config.activation_function} (llama.cpp's GPT-2 computes the tanh GELU)"
     if config.n_inner not in (None, 4 * config.n_embd):
         return f"n_inner {config.n_inner} (transformers reads GPT-2 GGUFs back with 4 * n_embd)"
     if config.scale_attn_by_inverse_layer_idx or not config.scale_attn_weights or config.add_cross_attention:

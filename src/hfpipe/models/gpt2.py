@@ -54,6 +54,9 @@ def build_gpt2(shape: dict[str, int], dropout: float, tokenizer: PreTrainedToken
         resid_pdrop=dropout,
         embd_pdrop=dropout,
         attn_pdrop=dropout,
+        # GPT-2's own tanh GELU (gelu_new), as one fused kernel: gelu_new's six elementwise ops made a training step
+        # of the nanoGPT CPU model 1.2x slower (68 vs 57 ms). Same function, so exports and readers see GPT-2.
+        activation_function="gelu_pytorch_tanh",
         # GPT2Config defaults bos/eos to 50256, outside a small trained vocabulary.
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
