@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +18,7 @@ import pytest
 import yaml
 from conftest import ROOT
 from test_config import shakespeare_prepared  # noqa: F401 (an autouse fixture: it applies here too)
+from test_serve import running_server
 
 from hfpipe.rundir import CONFIG_FILE, METRICS_FILE, TRAIN_LOG, hold_run_lock, release_run_lock
 from hfpipe.tools.ui import create_app
@@ -60,22 +59,8 @@ def runs_dir(shipped_runs: Any, tmp_path_factory: pytest.TempPathFactory) -> Pat
 @contextmanager
 def running_ui(root: Path) -> Iterator[str]:
     """`hfpipe ui`'s app on a free port in a thread; yield its URL."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(root, ModelPool(device="cpu")), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "the server thread died at start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
+    with running_server(create_app(root, ModelPool(device="cpu"))) as url:
+        yield url.removesuffix("/v1")
 
 
 @pytest.fixture(scope="module")
@@ -191,8 +176,6 @@ def test_chat_refuses_bad_requests_in_one_line(ui_url: str, body: dict[str, Any]
 
 
 def test_the_page_changes_no_file(ui_url: str, runs_dir: Path) -> None:
-    from hfpipe.tools.ui import create_app
-
     before = snapshot(runs_dir)
     get(f"{ui_url}/api/runs")
     get(f"{ui_url}/api/compare?name=quickstart/pretrain&name=quickstart/dpo")
