@@ -67,10 +67,15 @@ def base_url(loaded: LoadedModel) -> Iterator[str]:
         yield url
 
 
+def openai_client(base_url: str) -> openai.OpenAI:
+    """The openai client for a server at `base_url`, no retries (a retried 4xx would hide the first answer)."""
+    return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+
+
 @pytest.fixture
 def client(base_url: str) -> openai.OpenAI:
-    """The openai client, no retries (a retried 4xx would hide the first answer)."""
-    return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+    """The openai client of the module's server."""
+    return openai_client(base_url)
 
 
 def reference(loaded: LoadedModel, prompt_ids: list[int], max_new_tokens: int) -> tuple[str, list[int]]:
@@ -445,7 +450,7 @@ def test_sigterm_stops_the_server_cleanly(tiny_gpt2_dir: Path) -> None:
     )
     try:
         url = f"http://127.0.0.1:{port}/v1"
-        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        client = openai_client(url)
         deadline = time.monotonic() + 180  # start-up imports torch and transformers on a shared machine
         while True:
             assert process.poll() is None, process.stderr.read()

@@ -12,7 +12,7 @@ from pathlib import Path
 import openai
 import pytest
 import torch
-from test_serve import MODEL_ID, reference, running_server
+from test_serve import MODEL_ID, openai_client, reference, running_server
 
 from hfpipe.models.trained import LoadedModel, load_for_inference, merge_adapter
 from hfpipe.tools.serve import create_app
@@ -43,7 +43,7 @@ def client(tiny_gpt2_dir: Path, adapter_dirs: dict[str, Path]) -> Iterator[opena
     loaded = load_for_inference(str(tiny_gpt2_dir), device="cpu")
     served = load_adapters(loaded, MODEL_ID, {name: str(path) for name, path in adapter_dirs.items()})
     with running_server(create_app(loaded, MODEL_ID, max_new_tokens=8, served=served)) as url:
-        yield openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        yield openai_client(url)
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,8 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import openai
 import pytest
-from test_serve import MODEL_ID, reference, running_server
+from test_serve import MODEL_ID, openai_client, reference, running_server
 
 from hfpipe.models.trained import LoadedModel, load_for_inference
 from hfpipe.tools.serve import create_app
@@ -54,7 +53,7 @@ def servers(tiny_gpt2_dir: Path) -> Iterator[tuple[str, str, list[int], LoadedMo
 
 def ask(url: str, request: tuple[str, int, str | None, bool]) -> tuple[str, str, int]:
     """One greedy completion: text, finish reason and completion tokens (streamed or not)."""
-    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+    client = openai_client(url)
     prompt, max_tokens, stop, stream = request
     options = {"model": MODEL_ID, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stop": stop}
     if not stream:
@@ -110,7 +109,7 @@ def test_a_disconnected_stream_leaves_the_batch(tiny_gpt2_dir: Path) -> None:
     app = create_app(slow, MODEL_ID, max_batch_size=4)
     batch = app.state.worker._batch
     with running_server(app) as url:
-        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        client = openai_client(url)
         messages = [{"role": "user", "content": "my lord"}]
         stream = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=24, stream=True)
         next(iter(stream))  # the role chunk: the answer has started

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from test_serve import MODEL_ID, chat, running_server
+from test_serve import MODEL_ID, chat, openai_client, running_server
 
 from hfpipe.models.trained import LoadedModel, load_for_inference
 from hfpipe.tools.serve import create_app
@@ -25,7 +25,7 @@ def loaded(tiny_gpt2_dir: Path) -> LoadedModel:
 @pytest.fixture(scope="module")
 def client(loaded: LoadedModel) -> Iterator[openai.OpenAI]:
     with running_server(create_app(loaded, MODEL_ID, max_new_tokens=8)) as url:
-        yield openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        yield openai_client(url)
 
 
 def single(client: openai.OpenAI, prompt: str) -> str:

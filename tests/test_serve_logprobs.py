@@ -10,7 +10,7 @@ from pathlib import Path
 import openai
 import pytest
 import torch
-from test_serve import MODEL_ID, reference, running_server
+from test_serve import MODEL_ID, openai_client, reference, running_server
 
 from hfpipe.evaluation.scoring import choice_logprobs, choice_row, encode_pair, joined
 from hfpipe.models.trained import LoadedModel, load_for_inference
@@ -29,7 +29,7 @@ def long_model(long_context_gpt2_dir: Path) -> LoadedModel:
 @pytest.fixture(scope="module")
 def long_client(long_model: LoadedModel) -> Iterator[openai.OpenAI]:
     with running_server(create_app(long_model, MODEL_ID, max_new_tokens=8)) as url:
-        yield openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        yield openai_client(url)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def tiny(tiny_gpt2_dir: Path) -> LoadedModel:
 @pytest.fixture(scope="module")
 def client(tiny: LoadedModel) -> Iterator[openai.OpenAI]:
     with running_server(create_app(tiny, MODEL_ID, max_new_tokens=8)) as url:
-        yield openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        yield openai_client(url)
 
 
 def lm_eval_payload(prompt: object) -> dict:
