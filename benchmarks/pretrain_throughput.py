@@ -9,7 +9,10 @@ nanoGPT (github.com/karpathy/nanoGPT, not shipped here) runs its config/train_sh
 flags of its README (4x4x128, context 64, batch 12, 2000 iterations, dropout 0, no compile) on train.bin/val.bin
 written from this config's train/validation files with its own character encoding. Both final models are then
 scored on the same validation characters: the first 240 windows of 64 characters of the validation text (the
-recipe's eval blocks hold the same count), mean loss over the 63 predictions of each window.
+recipe's eval blocks hold the same count), mean loss over the 63 predictions of each window. Speed against nanoGPT
+is the same statistic for both: the median time of a training step as nanoGPT times an iteration (from one step's end
+to the next: data, forward, backward, optimizer, logging), the steps that also evaluate or save left out; the mean
+is reported beside it.
 
 Both runs use the recipe's own tokenizer and cached blocks. Tokens/s counts training steps only (evaluation
 and saving excluded) for both; wall time is the training phase (steps, evaluations, checkpoints), without
@@ -33,7 +36,8 @@ from pathlib import Path
 
 import torch
 from readme_table import write_marked_table
-from transformers import TrainingArguments, get_scheduler, set_seed
+from transformers import TrainerCallback, TrainingArguments, get_scheduler, set_seed
+from transformers.trainer import DEFAULT_CALLBACKS
 
 from hfpipe.data.files import load_raw_splits
 from hfpipe.models.gpt2 import build_gpt2, check_shape
@@ -155,7 +159,11 @@ def nanogpt_run(nanogpt: Path, texts: dict[str, str], work: Path, env: dict[str,
         cwd=work, env=env, capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     wall = time.perf_counter() - start
-    iteration_ms = [float(ms) for ms in re.findall(r"^iter \d+: loss [0-9.]+, time ([0-9.]+)ms", output, re.M)]
+    iteration_ms = {
+        int(step): float(ms) for step, ms in re.findall(r"^iter (\d+): loss [0-9.]+, time ([0-9.]+)ms", output, re.M)
+    }
+    # An iteration at a multiple of eval_interval (250) also evaluates (and may save): left out, as for the recipe.
+    training_ms = [ms for step, ms in iteration_ms.items() if step % 250 and step > 1]
     sys.path.insert(0, str(work))
     try:
         from model import GPT, GPTConfig  # nanoGPT's model.py, as copied above
@@ -169,7 +177,8 @@ def nanogpt_run(nanogpt: Path, texts: dict[str, str], work: Path, env: dict[str,
         model.eval()
         logits, _ = model(windows, windows)  # with targets, nanoGPT returns logits at every position
     return {
-        "ms_per_iteration": statistics.median(iteration_ms[1:]),  # the first includes warm-up
+        "ms_per_iteration": statistics.median(training_ms),
+        "ms_per_iteration_mean": statistics.fmean(training_ms),
         "wall_seconds": wall,
         "own_val_loss": float(re.findall(r"val loss ([0-9.]+)", output)[-1]),
         "shared_val_loss": shifted_loss(logits, windows),
@@ -197,18 +206,47 @@ def recipe_shared_loss(output_dir: Path, text: str) -> float:
         return shifted_loss(model(input_ids=windows).logits, windows)
 
 
+class StepClock(TrainerCallback):
+    """The time from one training step's end to the next one's, as nanoGPT times an iteration (data, forward,
+    backward, optimizer, logging); intervals that hold an evaluation or a save are left out."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._last: float | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        if self._last is not None:
+            self.seconds.append(now - self._last)
+        self._last = now
+
+    def _pause(self, *args, **kwargs):
+        self._last = None
+
+    on_evaluate = _pause
+    on_save = _pause
+
+
 def recipe_run(config: str, flags: list[str], output_dir: Path) -> dict:
-    """Run recipes/pretrain.py in this process and return the same figures as the hand-written loop."""
+    """Run recipes/pretrain.py in this process and return the same figures as the hand-written loop, and its
+    per-step times (StepClock)."""
     spec = importlib.util.spec_from_file_location("recipe_pretrain", ROOT / "recipes" / "pretrain.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    metrics = module.main(
-        ["--config", config, "--output_dir", str(output_dir), "--overwrite_output_dir", "true", *flags]
-    )
+    clock = StepClock()
+    DEFAULT_CALLBACKS.append(clock)  # every Trainer built while it is listed gets it
+    try:
+        metrics = module.main(
+            ["--config", config, "--output_dir", str(output_dir), "--overwrite_output_dir", "true", *flags]
+        )
+    finally:
+        DEFAULT_CALLBACKS.remove(clock)
     return {
         "tokens_per_second": metrics["train_tokens_per_second"],
         "eval_loss": metrics["eval_loss"],
         "train_wall_seconds": metrics["train_runtime"],
+        "ms_per_step_median": 1000 * statistics.median(clock.seconds),
+        "ms_per_step_mean": 1000 * statistics.fmean(clock.seconds),
     }
 
 
@@ -241,8 +279,6 @@ def main() -> None:
             if options.nanogpt:
                 texts = split_texts(parsed)
                 recipe["shared_val_loss"] = recipe_shared_loss(Path(scratch) / f"recipe{repeat}", texts["val"])
-                tokens_per_step = args.per_device_train_batch_size * parsed.get(DataArguments).block_size
-                recipe["ms_per_step"] = 1000 * tokens_per_step / recipe["tokens_per_second"]  # training steps only
                 work = Path(scratch) / f"nanogpt{repeat}"
                 runs[-1]["nanogpt"] = nanogpt_run(options.nanogpt, texts, work, {**os.environ})
             print(f"repeat {repeat}: {runs[-1]}", flush=True)
@@ -274,7 +310,7 @@ def main() -> None:
     }
     if options.nanogpt:
         result["median_recipe_over_nanogpt_speed"] = statistics.median(
-            run["nanogpt"]["ms_per_iteration"] / run["recipe"]["ms_per_step"] for run in runs
+            run["nanogpt"]["ms_per_iteration"] / run["recipe"]["ms_per_step_median"] for run in runs
         )
         result["median_shared_val_loss"] = {
             name: statistics.median(run[name]["shared_val_loss"] for run in runs) for name in ("recipe", "nanogpt")
@@ -298,12 +334,15 @@ def write_nanogpt_table(result: dict) -> None:
             f"{result['config']}, full run, OMP_NUM_THREADS={result['omp_num_threads']}, {len(result['runs'])} "
             f"alternating rounds. Recipe / nanoGPT speed: **{result['median_recipe_over_nanogpt_speed']:.2f}x**",
             "",
-            "| contender | ms per training step | wall s (process) | val loss, shared windows | val loss, own report |",
-            "| --- | --- | --- | --- | --- |",
-            f"| recipes/pretrain.py | {median('recipe', 'ms_per_step'):.1f} | "
+            "| contender | ms per training step, median | mean | wall s (process) | val loss, shared windows "
+            "| val loss, own report |",
+            "| --- | --- | --- | --- | --- | --- |",
+            f"| recipes/pretrain.py | {median('recipe', 'ms_per_step_median'):.1f} | "
+            f"{median('recipe', 'ms_per_step_mean'):.1f} | "
             f"{median('recipe', 'train_wall_seconds'):.0f} (training phase) | "
             f"{median('recipe', 'shared_val_loss'):.4f} | {median('recipe', 'eval_loss'):.4f} |",
             f"| nanoGPT train.py | {median('nanogpt', 'ms_per_iteration'):.1f} | "
+            f"{median('nanogpt', 'ms_per_iteration_mean'):.1f} | "
             f"{median('nanogpt', 'wall_seconds'):.0f} | "
             f"{median('nanogpt', 'shared_val_loss'):.4f} | {median('nanogpt', 'own_val_loss'):.4f} |",
         ]

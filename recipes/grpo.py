@@ -16,13 +16,14 @@ import hfpipe  # noqa: F401 (first: it quiets the libraries' start-up noise befo
 # isort: split
 from collections.abc import Sequence
 
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOConfig
 
 from hfpipe.data import count_prompt_tokens, load_splits, prompt_preparer
 from hfpipe.errors import exit_on_user_error
 from hfpipe.rundir import REWARD_PLOT
 from hfpipe.train import grpo, load_model, load_tokenizer, lora_config, start_run
 from hfpipe.train.callbacks import write_samples
+from hfpipe.train.grpo_trainer import PrefixSharingGRPOTrainer
 from hfpipe.train.plots import plot_training_rewards
 from hfpipe.train.rewards import probe_user_functions, required_columns
 
@@ -50,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         training_args.per_device_eval_batch_size,
     )  # fmt: skip
     before, answers = score(model)
-    trainer = GRPOTrainer(
+    trainer = PrefixSharingGRPOTrainer(
         model=model,
         reward_funcs=funcs,
         args=training_args,
