@@ -25,14 +25,16 @@ def _trainer(tmp_path: Path, model_dir: Path, lora: bool) -> PrefixSharingGRPOTr
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     args = GRPOConfig(
         output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=8, max_completion_length=8,
-        report_to="none", use_cpu=True, bf16=False, beta=0.04 if lora else 0.0,
+        report_to="none", use_cpu=True, bf16=False,
     )  # fmt: skip
     rows = Dataset.from_list([{"prompt": "the cat sat on"}, {"prompt": "a dog"}])
     reward = lambda completions, **kwargs: [float(len(text)) for text in completions]  # noqa: E731
     peft = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM") if lora else None
-    return PrefixSharingGRPOTrainer(
+    trainer = PrefixSharingGRPOTrainer(
         model=model, reward_funcs=reward, args=args, train_dataset=rows, processing_class=tokenizer, peft_config=peft
     )
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, read by compute_loss
+    return trainer
 
 
 @pytest.fixture(scope="module")

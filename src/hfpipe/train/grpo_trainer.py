@@ -9,9 +9,9 @@ float rounding (tests/test_grpo_trainer.py); the decoder's work falls by the sha
 prompt. The head then scores the answer tokens only (TRL's fused head scores every position off GPUs).
 
 Used where it is exact and cheap to prove so: a text-only model whose logits are output_embeddings(decoder(...))
-(PLAIN_HEAD_MODELS), a plain KV cache (no sliding window), no activation checkpointing (it turns the cache off), no
-FSDP or DeepSpeed (they shard the weights each decoder call gathers), and a batch in which some rows share a prompt.
-Anything else goes through TRL's own code.
+(PLAIN_HEAD_MODELS), a plain KV cache (no sliding window), no activation checkpointing (it turns the cache off), one
+process (so no FSDP or DeepSpeed sharding the weights each decoder call gathers; DDP is untested), and a batch in
+which some rows share a prompt. Anything else goes through TRL's own code.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ class PrefixSharingGRPOTrainer(GRPOTrainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         for model in (self.model, self.ref_model):
-            if model is not None and not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            # one process: the decoder twice in one forward is plain autograd, but not yet tested under DDP here
+            if model is not None and self.accelerator.num_processes == 1:
                 add_shared_prefix_forward(
                     model.get_base_model() if isinstance(model, PeftModel) else model,
                     self.temperature,
@@ -104,15 +105,10 @@ def shared_prefix_layout(
 
 
 def _takes_prefix(model: torch.nn.Module) -> bool:
-    inner = _unwrap(model)
-    inner = inner.get_base_model() if isinstance(inner, PeftModel) else inner
-    return bool(getattr(inner, PREFIX_FLAG, False)) and not getattr(inner, "is_gradient_checkpointing", False)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module") and not isinstance(model, PreTrainedModel | PeftModel):  # DDP and the like
-        model = model.module
-    return model
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    checkpointing = "is_activation_checkpointing"  # transformers 5's name; the old one warns
+    checkpointing = checkpointing if hasattr(inner, checkpointing) else "is_gradient_checkpointing"
+    return bool(getattr(inner, PREFIX_FLAG, False)) and not getattr(inner, checkpointing, False)
 
 
 def add_shared_prefix_forward(model: PreTrainedModel, temperature: float, cast_head_to_fp32: bool) -> None:
@@ -125,17 +121,18 @@ def add_shared_prefix_forward(model: PreTrainedModel, temperature: float, cast_h
 
     @functools.wraps(type(model).forward)  # generate checks its kwargs against this signature
     def forward(self: PreTrainedModel, *args: Any, shared_prefix: SharedPrefix | None = None, **kwargs: Any) -> Any:
-        if shared_prefix is not None and getattr(self, PREFIX_FLAG):
-            output = shared_prefix_logps(self, shared_prefix, temperature, cast_head_to_fp32, **kwargs)
+        if shared_prefix is None:
+            return trl_forward(*args, **kwargs)
+        ids, mask, keep = kwargs.pop("input_ids"), kwargs.pop("attention_mask"), shared_prefix.completion_length
+        plain = not args and all(value is None for value in kwargs.values())  # PEFT passes inputs_embeds=None, ...
+        if plain and getattr(self, PREFIX_FLAG):
+            output = shared_prefix_logps(self, shared_prefix, temperature, cast_head_to_fp32, ids, mask)
             if output is not None:
                 return output
             setattr(self, PREFIX_FLAG, False)  # not this model's cache: TRL's way from now on
-        if shared_prefix is None:
-            return trl_forward(*args, **kwargs)
-        ids, mask, keep = kwargs["input_ids"], kwargs["attention_mask"], shared_prefix.completion_length
         labels = ids.masked_fill(mask == 0, -100)
         labels[:, :-keep] = -100
-        output = trl_forward(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+        output = trl_forward(*args, input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, **kwargs)
         return types.SimpleNamespace(log_probs=output.log_probs[:, -keep:], entropy=output.entropy[:, -keep:])
 
     model.forward = types.MethodType(forward, model)
