@@ -4,6 +4,7 @@ from the `openai` package's own types so that unmodified OpenAI clients can pars
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Sequence
@@ -372,6 +373,21 @@ def chunk(
         return ChatCompletionChunk(object="chat.completion.chunk", choices=[choice], **fields).to_dict(mode="json")
     text_choice = CompletionChoice.construct(index=index, text=text or "", logprobs=None, finish_reason=finish_reason)
     return Completion.construct(object="text_completion", choices=[text_choice], **fields).to_dict(mode="json")
+
+
+class TextChunks:
+    """The text chunks of one choice of a stream, as server-sent events: one `chunk` built from the openai types
+    and serialized once; each event then only splices in its text (a stream sends one per token)."""
+
+    _MARK = "\x00hfpipe-text\x00"  # cannot occur in an id or a model name
+
+    def __init__(self, kind: Literal["chat", "text"], response_id: str, model: str, with_usage: bool, index: int):
+        body = json.dumps(chunk(kind, response_id, model, self._MARK, with_usage=with_usage, index=index))
+        self._head, self._tail = body.split(json.dumps(self._MARK))
+
+    def event(self, text: str) -> str:
+        """The `data:` event carrying `text`."""
+        return f"data: {self._head}{json.dumps(text)}{self._tail}\n\n"
 
 
 def usage_chunk(kind: Literal["chat", "text"], response_id: str, model: str, usage_: CompletionUsage) -> dict[str, Any]:

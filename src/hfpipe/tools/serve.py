@@ -42,6 +42,7 @@ from hfpipe.tools.openai_schema import (
     CompletionRequest,
     GenerationRequest,
     RequestError,
+    TextChunks,
     check_request,
     chunk,
     error_body,
@@ -281,10 +282,11 @@ async def stream_events(
         for index in range(len(jobs)):
             yield sse(chunk(kind, response_id, model_id, "", with_usage=with_usage, first=True, index=index))
     finishes: dict[int, Any] = {}
+    texts = [TextChunks(kind, response_id, model_id, with_usage, index) for index in range(len(jobs))]
     try:
         async for index, item in merge(worker.submit(jobs)):
             if isinstance(item, str):
-                yield sse(chunk(kind, response_id, model_id, item, with_usage=with_usage, index=index))
+                yield texts[index].event(item)
                 continue
             finishes[index] = item
             yield sse(chunk(kind, response_id, model_id, None, item.finish_reason, with_usage, index=index))
