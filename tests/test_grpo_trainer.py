@@ -78,7 +78,12 @@ def test_the_shared_prefix_pass_equals_trls_logps_loss_and_gradients(
         mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         width = inputs["completion_ids"].shape[1]
         logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model, ids, mask, width, compute_entropy=True
+            trainer.model,
+            ids,
+            mask,
+            width,
+            batch_size=4,
+            compute_entropy=True,  # chunks of one prompt each
         )
         loss = trainer.compute_loss(trainer.model, inputs)
         loss.backward()
@@ -88,7 +93,7 @@ def test_the_shared_prefix_pass_equals_trls_logps_loss_and_gradients(
     trl_loss, trl_scores, trl_grads = loss_and_gradients(GRPOTrainer._get_per_token_logps_and_entropies)
     assert not passes
     loss, scores, grads = loss_and_gradients(PrefixSharingGRPOTrainer._get_per_token_logps_and_entropies)
-    assert len(passes) == 2  # the scores above, and the loss
+    assert len(passes) == 3  # the scores above (two chunks), and the loss
 
     assert torch.allclose(scores, trl_scores, atol=1e-5)
     assert torch.allclose(loss, trl_loss, atol=1e-6)

@@ -71,19 +71,29 @@ class PrefixSharingGRPOTrainer(GRPOTrainer):
         compute_aux_loss: bool = False,
         **multimodal: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Log-probs (and entropies) of the completion tokens, as TRL computes them, from a shared-prefix pass
-        when the model and batch allow one."""
-        layout = None
-        if not compute_aux_loss and all(value is None for value in multimodal.values()) and _takes_prefix(model):
-            layout = shared_prefix_layout(input_ids, attention_mask, logits_to_keep)
-        if layout is None:
+        """Log-probs (and entropies) of the completion tokens, as TRL computes them, in chunks of `batch_size` rows;
+        each chunk's from a shared-prefix pass when the model and the chunk allow one."""
+        if compute_aux_loss or any(value is not None for value in multimodal.values()) or not _takes_prefix(model):
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
                 **multimodal,
             )  # fmt: skip
-        with self.accelerator.autocast():
-            output = model(input_ids=input_ids, attention_mask=attention_mask, shared_prefix=layout)
-        return output.log_probs, output.entropy if compute_entropy else None, None
+        rows = batch_size or input_ids.size(0)  # TRL's chunks, which bound the memory peak
+        parts = []
+        for start in range(0, input_ids.size(0), rows):
+            ids, mask = input_ids[start : start + rows], attention_mask[start : start + rows]
+            layout = shared_prefix_layout(ids, mask, logits_to_keep)
+            if layout is None:
+                logps, entropies, _ = super()._get_per_token_logps_and_entropies(
+                    model, ids, mask, logits_to_keep, compute_entropy=compute_entropy
+                )
+                parts.append((logps, entropies))
+                continue
+            with self.accelerator.autocast():
+                output = model(input_ids=ids, attention_mask=mask, shared_prefix=layout)
+            parts.append((output.log_probs, output.entropy))
+        logps = torch.cat([logps for logps, _ in parts])
+        return logps, torch.cat([entropies for _, entropies in parts]) if compute_entropy else None, None
 
 
 def shared_prefix_layout(
@@ -152,17 +162,19 @@ def shared_prefix_logps(
     row's last prompt token."""
     groups, firsts, prefix = layout.groups, layout.firsts, input_ids.shape[1] - layout.completion_length
     decoder = model.base_model
-    head = decoder(input_ids=input_ids[firsts, :prefix], attention_mask=attention_mask[firsts, :prefix], use_cache=True)
-    cache = head.past_key_values
+    prompt_ids, prompt_mask = input_ids[firsts, :prefix], attention_mask[firsts, :prefix]
+    prompts = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True)
+    cache = prompts.past_key_values
     if not all(type(layer) is DynamicLayer for layer in cache.layers):  # sliding windows, ...
         return None
     for layer in cache.layers:
         layer.keys, layer.values = layer.keys.index_select(0, groups), layer.values.index_select(0, groups)
-    tail = decoder(
+    answers = decoder(
         input_ids=input_ids[:, prefix:], attention_mask=attention_mask, past_key_values=cache, use_cache=True
     )
     # position prefix - 1 predicts the first completion token, completion position i the token i + 1
-    hidden = torch.cat([head.last_hidden_state[:, -1:].index_select(0, groups), tail.last_hidden_state[:, :-1]], 1)
+    last_prompt = prompts.last_hidden_state[:, -1:].index_select(0, groups)
+    hidden = torch.cat([last_prompt, answers.last_hidden_state[:, :-1]], dim=1)
     labels = input_ids[:, prefix:]
     mask = attention_mask[:, prefix:].bool()
     lm_head = model.get_output_embeddings()
