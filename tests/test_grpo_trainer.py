@@ -77,13 +77,9 @@ def test_the_shared_prefix_pass_equals_trls_logps_loss_and_gradients(
         ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         width = inputs["completion_ids"].shape[1]
+        # chunks of 4 rows: one prompt each
         logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model,
-            ids,
-            mask,
-            width,
-            batch_size=4,
-            compute_entropy=True,  # chunks of one prompt each
+            trainer.model, ids, mask, width, batch_size=4, compute_entropy=True
         )
         loss = trainer.compute_loss(trainer.model, inputs)
         loss.backward()
@@ -109,3 +105,23 @@ def test_rows_that_share_no_prompt_go_through_trls_own_pass() -> None:
     shared = torch.tensor([[0, 5, 6, 1, 2], [7, 8, 9, 3, 4], [0, 5, 6, 4, 4]])
     layout = shared_prefix_layout(shared, torch.ones_like(shared), 2)
     assert layout.groups.tolist() == [0, 1, 0] and layout.firsts.tolist() == [0, 1]
+
+
+def test_a_model_the_shared_pass_does_not_fit_falls_back_to_trls_pass(
+    tmp_path: Path, tiny_gpt2_dir: Path, monkeypatch
+) -> None:
+    """A cache that is not plain tensors (sliding windows, ...): the shared pass gives up, TRL's pass answers, and
+    the model is not tried again."""
+    trainer = _trainer(tmp_path, tiny_gpt2_dir, lora=False)
+    rows = trainer.train_dataset
+    torch.manual_seed(0)
+    inputs = trainer._generate_and_score_completions([rows[0]] * 4 + [rows[1]] * 4)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    width = inputs["completion_ids"].shape[1]
+    with torch.no_grad():
+        expected, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, ids, mask, width)
+        monkeypatch.setattr(grpo_trainer, "shared_prefix_logps", lambda *args, **kwargs: None)
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, width)
+    assert torch.equal(logps, expected)
+    assert getattr(trainer.model, grpo_trainer.PREFIX_FLAG) is False

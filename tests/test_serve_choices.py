@@ -101,15 +101,13 @@ def test_streamed_choices_join_to_the_whole_answer(client: openai.OpenAI, kind: 
 
 
 @pytest.mark.parametrize("kind", ["chat", "text"])
-def test_a_text_event_is_the_openai_typed_chunk_with_its_text(kind: str) -> None:
+def test_a_text_chunk_is_the_openai_typed_chunk_with_its_text(kind: str) -> None:
     import json
 
     from hfpipe.tools.openai_schema import TextChunks, chunk
 
     texts = TextChunks(kind, "id-1", "model/x", True, 2)
     for text in ['say "hi"\n', "caf\u00e9 \u2603 \\ </s>", "", "\x00hfpipe-text\x00"]:
-        event = texts.event(text)
-        assert event.startswith("data: ") and event.endswith("\n\n")
-        body = json.loads(event.removeprefix("data: "))
+        body = json.loads(texts.body(text))
         expected = chunk(kind, "id-1", "model/x", text, with_usage=True, index=2)
         assert {**body, "created": 0} == {**expected, "created": 0}

@@ -376,8 +376,8 @@ def chunk(
 
 
 class TextChunks:
-    """The text chunks of one choice of a stream, as server-sent events: one `chunk` built from the openai types
-    and serialized once; each event then only splices in its text (a stream sends one per token)."""
+    """The text chunks of one choice of a stream: one `chunk` built from the openai types and serialized once; each
+    chunk then only splices in its text (a stream sends one per token)."""
 
     _MARK = "\x00hfpipe-text\x00"  # cannot occur in an id or a model name
 
@@ -385,9 +385,9 @@ class TextChunks:
         body = json.dumps(chunk(kind, response_id, model, self._MARK, with_usage=with_usage, index=index))
         self._head, self._tail = body.split(json.dumps(self._MARK))
 
-    def event(self, text: str) -> str:
-        """The `data:` event carrying `text`."""
-        return f"data: {self._head}{json.dumps(text)}{self._tail}\n\n"
+    def body(self, text: str) -> str:
+        """The chunk carrying `text`, as JSON."""
+        return f"{self._head}{json.dumps(text)}{self._tail}"
 
 
 def usage_chunk(kind: Literal["chat", "text"], response_id: str, model: str, usage_: CompletionUsage) -> dict[str, Any]:

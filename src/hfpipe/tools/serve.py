@@ -286,7 +286,7 @@ async def stream_events(
     try:
         async for index, item in merge(worker.submit(jobs)):
             if isinstance(item, str):
-                yield texts[index].event(item)
+                yield sse(texts[index].body(item))
                 continue
             finishes[index] = item
             yield sse(chunk(kind, response_id, model_id, None, item.finish_reason, with_usage, index=index))

@@ -82,16 +82,17 @@ class PrefixSharingGRPOTrainer(GRPOTrainer):
         parts = []
         for start in range(0, input_ids.size(0), rows):
             ids, mask = input_ids[start : start + rows], attention_mask[start : start + rows]
-            layout = shared_prefix_layout(ids, mask, logits_to_keep)
-            if layout is None:
+            layout, output = shared_prefix_layout(ids, mask, logits_to_keep), None
+            if layout is not None:
+                with self.accelerator.autocast():
+                    output = model(input_ids=ids, attention_mask=mask, shared_prefix=layout)
+            if output is None:  # no shared prompt, or a model the shared pass does not fit
                 logps, entropies, _ = super()._get_per_token_logps_and_entropies(
                     model, ids, mask, logits_to_keep, compute_entropy=compute_entropy
                 )
                 parts.append((logps, entropies))
-                continue
-            with self.accelerator.autocast():
-                output = model(input_ids=ids, attention_mask=mask, shared_prefix=layout)
-            parts.append((output.log_probs, output.entropy))
+            else:
+                parts.append((output.log_probs, output.entropy))
         logps = torch.cat([logps for logps, _ in parts])
         return logps, torch.cat([entropies for _, entropies in parts]) if compute_entropy else None, None
 
@@ -122,9 +123,9 @@ def _takes_prefix(model: torch.nn.Module) -> bool:
 
 
 def add_shared_prefix_forward(model: PreTrainedModel, temperature: float, cast_head_to_fp32: bool) -> None:
-    """Let `model(input_ids=, attention_mask=, shared_prefix=groups)` return the completion tokens' log-probs and
-    entropies from a shared-prefix pass; every other call goes to the forward TRL patched in. A model outside
-    PLAIN_HEAD_MODELS is left as it is."""
+    """Let `model(input_ids=, attention_mask=, shared_prefix=layout)` return the completion tokens' log-probs and
+    entropies from a shared-prefix pass, or None where that pass does not fit; every other call goes to the forward
+    TRL patched in. A model outside PLAIN_HEAD_MODELS is left as it is."""
     if model.config.model_type not in PLAIN_HEAD_MODELS:
         return
     trl_forward = model.forward
@@ -133,17 +134,14 @@ def add_shared_prefix_forward(model: PreTrainedModel, temperature: float, cast_h
     def forward(self: PreTrainedModel, *args: Any, shared_prefix: SharedPrefix | None = None, **kwargs: Any) -> Any:
         if shared_prefix is None:
             return trl_forward(*args, **kwargs)
-        ids, mask, keep = kwargs.pop("input_ids"), kwargs.pop("attention_mask"), shared_prefix.completion_length
+        ids, mask = kwargs.pop("input_ids"), kwargs.pop("attention_mask")
         plain = not args and all(value is None for value in kwargs.values())  # PEFT passes inputs_embeds=None, ...
-        if plain and getattr(self, PREFIX_FLAG):
-            output = shared_prefix_logps(self, shared_prefix, temperature, cast_head_to_fp32, ids, mask)
-            if output is not None:
-                return output
+        if not (plain and getattr(self, PREFIX_FLAG)):
+            return None  # the trainer then runs TRL's pass
+        output = shared_prefix_logps(self, shared_prefix, temperature, cast_head_to_fp32, ids, mask)
+        if output is None:
             setattr(self, PREFIX_FLAG, False)  # not this model's cache: TRL's way from now on
-        labels = ids.masked_fill(mask == 0, -100)
-        labels[:, :-keep] = -100
-        output = trl_forward(*args, input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, **kwargs)
-        return types.SimpleNamespace(log_probs=output.log_probs[:, -keep:], entropy=output.entropy[:, -keep:])
+        return output
 
     model.forward = types.MethodType(forward, model)
     setattr(model, PREFIX_FLAG, True)
