@@ -14,12 +14,14 @@ both. Writes benchmarks/results/serve_latency.json and the table in benchmarks/R
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serve_latency.py --load                  # the load test
 
-The load test runs two servers of the same model, `--max-batch-size 1` (one answer at a time) and the default
-continuous batching (`--max-batch-size 16`), and sends each the same streamed greedy chat requests from 1, 4 and 16
-concurrent clients (threads of this process, each sending its next request once its answer is complete), in
-alternating rounds. Per setting: aggregate generated tokens/s (the servers' usage counts over the wall time of all
-requests) and the p50 / p95 time to the first content chunk. Writes benchmarks/results/serve_load.json and prints a
-markdown table (benchmarks/README.md is left alone).
+The load test runs three servers of the same model: the server issue 14 measured (hfpipe at ISSUE_SERVER_COMMIT,
+`model.generate` for one request at a time, taken from this repository's git history), today's server at
+`--max-batch-size 1` (one answer at a time through the batching loop) and at the default continuous batching
+(`--max-batch-size 16`). It sends each the same streamed greedy chat requests from 1, 4 and 16 concurrent clients
+(threads of this process, each sending its next request once its answer is complete), in alternating rounds.
+Per setting: aggregate generated tokens/s (the servers' usage counts over the wall time of all requests) and the
+p50 / p95 time to the first content chunk. Writes benchmarks/results/serve_load.json and prints a markdown table
+(benchmarks/README.md is left alone).
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ from readme_table import write_marked_table
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 QUICKSTART_SFT = ROOT / "outputs" / "quickstart" / "sft"
+# the last commit before continuous batching: `model.generate` for one request at a time on one worker thread,
+# the server issue 14's 4x target is measured against ("today's one-at-a-time server")
+ISSUE_SERVER_COMMIT = "7b44e517ed9813e7494c013944ebcbe57cdb17eb"
 MARKER = "serve-table"
 SECTION = "## Serving: first streamed token"
 
@@ -75,15 +80,18 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(model: Path, port: int, max_tokens: int, *flags: str) -> subprocess.Popen:
-    """`hfpipe serve` as a subprocess (with extra `flags`); returns once /v1/models answers."""
+def start_server(model: Path, port: int, max_tokens: int, *flags: str, source: Path | None = None) -> subprocess.Popen:
+    """`hfpipe serve` as a subprocess (with extra `flags`; the hfpipe package from `source`, a src dir, when
+    given); returns once /v1/models answers."""
     import openai
 
     command = [sys.executable, "-m", "hfpipe.cli", "serve", str(model), "--port", str(port), *flags]
+    env = os.environ if source is None else {**os.environ, "PYTHONPATH": str(source)}
     process = subprocess.Popen(
         [*command, "--model-id", "bench", "--max-new-tokens", str(max_tokens)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=env,
     )
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
     deadline = time.monotonic() + 300
@@ -246,18 +254,20 @@ def load_table(result: dict) -> str:
         f"{result['model']}, OMP_NUM_THREADS={result['omp_num_threads']}, {result['requests']} streamed greedy chat "
         f"requests of at most {result['max_tokens']} new tokens per setting, {result['rounds']} alternating rounds "
         f"(medians), machine load average {' / '.join(map(str, result['load_average_1min']))} (start / end); "
-        f"batched answers equal to one-at-a-time answers: {result['same_text']}/{result['prompts']}",
+        f"batched greedy answers equal to the issue's server's: {result['same_text']['issue_server']}/"
+        f"{result['prompts']}, to batch size 1's: {result['same_text']['one_at_a_time']}/{result['prompts']}",
         "",
-        "| clients | one at a time tok/s | batched tok/s | speed-up | TTFT p50 / p95 ms, one at a time | "
-        "TTFT p50 / p95 ms, batched |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| clients | issue's server tok/s | batch size 1 tok/s | batched tok/s | batched vs issue's server | "
+        "batched vs batch size 1 | TTFT p50 / p95 ms: issue's server, batch size 1, batched |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in result["table"]:
-        single, batched = row["one_at_a_time"], row["batched"]
+        modes = [row["issue_server"], row["one_at_a_time"], row["batched"]]
+        ttft = ", ".join(f"{mode['ttft_p50_ms']:.0f} / {mode['ttft_p95_ms']:.0f}" for mode in modes)
         lines.append(
-            f"| {row['clients']} | {single['tokens_per_s']:.0f} | {batched['tokens_per_s']:.0f} | "
-            f"**{row['speedup']:.2f}x** | {single['ttft_p50_ms']:.0f} / {single['ttft_p95_ms']:.0f} | "
-            f"{batched['ttft_p50_ms']:.0f} / {batched['ttft_p95_ms']:.0f} |"
+            f"| {row['clients']} | "
+            + " | ".join(f"{mode['tokens_per_s']:.0f}" for mode in modes)
+            + f" | **{row['speedup_vs_issue_server']:.2f}x** | **{row['speedup']:.2f}x** | {ttft} |"
         )
     return "\n".join(lines)
 
@@ -271,8 +281,9 @@ def summarize(runs: list[dict]) -> dict:
     }
 
 
-def same_answers(urls: dict[str, str], prompts: list[str], max_tokens: int) -> int:
-    """How many prompts get the same greedy text from both servers, sent all at once to the batched one."""
+def same_answers(reference: str, batched: str, prompts: list[str], max_tokens: int) -> int:
+    """How many prompts get the same greedy text from the `reference` server, one at a time, and from the
+    `batched` one, sent all at once."""
     from concurrent.futures import ThreadPoolExecutor
 
     import openai
@@ -283,10 +294,19 @@ def same_answers(urls: dict[str, str], prompts: list[str], max_tokens: int) -> i
         answer = client.chat.completions.create(model="bench", messages=messages, max_tokens=max_tokens, temperature=0)
         return answer.choices[0].message.content
 
-    single = [ask(urls["one_at_a_time"], prompt) for prompt in prompts]
+    single = [ask(reference, prompt) for prompt in prompts]
     with ThreadPoolExecutor(len(prompts)) as pool:
-        batched = list(pool.map(lambda prompt: ask(urls["batched"], prompt), prompts))
-    return sum(a == b for a, b in zip(single, batched, strict=True))
+        answers = list(pool.map(lambda prompt: ask(batched, prompt), prompts))
+    return sum(a == b for a, b in zip(single, answers, strict=True))
+
+
+def issue_server_source(work: Path) -> Path:
+    """The src dir of hfpipe at ISSUE_SERVER_COMMIT (the one-at-a-time server issue 14 measured), from git."""
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", ISSUE_SERVER_COMMIT, "src"], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(work)], input=archive, check=True)
+    return work / "src"
 
 
 def run_load_test(args: argparse.Namespace) -> None:
@@ -299,17 +319,25 @@ def run_load_test(args: argparse.Namespace) -> None:
         model = args.model
         if model is None:
             model = QUICKSTART_SFT if (QUICKSTART_SFT / "metrics.json").is_file() else build_fallback_model(Path(work))
-        modes = {"one_at_a_time": "1", "batched": str(args.max_batch_size)}
+        issue_source = issue_server_source(Path(work))
+        modes = {
+            "issue_server": ((), issue_source),
+            "one_at_a_time": (("--max-batch-size", "1"), None),
+            "batched": (("--max-batch-size", str(args.max_batch_size)), None),
+        }
         ports = {mode: free_port() for mode in modes}
         servers = {
-            mode: start_server(model, ports[mode], args.max_tokens, "--max-batch-size", size)
-            for mode, size in modes.items()
+            mode: start_server(model, ports[mode], args.max_tokens, *flags, source=source)
+            for mode, (flags, source) in modes.items()
         }
         urls = {mode: f"http://127.0.0.1:{port}/v1" for mode, port in ports.items()}
         try:
             for url in urls.values():  # warm-up: first-call costs are not throughput
                 load_run(url, prompts, 4, 8, args.max_tokens)
-            same = same_answers(urls, prompts[:16], args.max_tokens)
+            same = {
+                reference: same_answers(urls[reference], urls["batched"], prompts[:16], args.max_tokens)
+                for reference in ("one_at_a_time", "issue_server")
+            }
             runs: dict[str, dict[int, list[dict]]] = {mode: {c: [] for c in args.clients} for mode in modes}
             for _ in range(args.rounds):
                 for clients in args.clients:
@@ -323,11 +351,13 @@ def run_load_test(args: argparse.Namespace) -> None:
     for clients in args.clients:
         row = {"clients": clients, **{mode: summarize(runs[mode][clients]) for mode in modes}}
         row["speedup"] = row["batched"]["tokens_per_s"] / row["one_at_a_time"]["tokens_per_s"]
+        row["speedup_vs_issue_server"] = row["batched"]["tokens_per_s"] / row["issue_server"]["tokens_per_s"]
         table.append(row)
     result = {
         "model": model_label(model, args.model),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", f"unset ({torch.get_num_threads()} torch threads)"),
         "max_batch_size": args.max_batch_size,
+        "issue_server_commit": ISSUE_SERVER_COMMIT,
         "requests": args.requests,
         "rounds": args.rounds,
         "max_tokens": args.max_tokens,
@@ -355,7 +385,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="a model dir (default: outputs/quickstart/sft, or a random one)")
     parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, help="alternating rounds (default: 5, or 3 for the load test)")
     parser.add_argument("--max-tokens", type=int, default=48)
     load = parser.add_argument_group("load test")
     load.add_argument("--load", action="store_true", help="run the load test instead of the latency comparison")
@@ -366,10 +396,10 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.load:
-        if args.rounds == parser.get_default("rounds"):
-            args.rounds = 3
+        args.rounds = args.rounds or 3
         run_load_test(args)
         return
+    args.rounds = args.rounds or 5
     import openai
     import torch
 

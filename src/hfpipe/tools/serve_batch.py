@@ -105,7 +105,8 @@ class Decoding:
     """A row being decoded: how it picks tokens, its ids so far, and the token to feed at the next step."""
 
     def __init__(self, loaded: LoadedModel, row: Row) -> None:
-        model, config = loaded.model, copy.deepcopy(row.job.config)
+        # a shallow copy: _prepare_special_tokens only sets attributes (token tensors) on it
+        model, config = loaded.model, copy.copy(row.job.config)
         self.row, self.do_sample = row, bool(config.do_sample)
         self.ids = torch.tensor([row.job.prompt_ids], device=model.device)
         # the processors generate would apply for this config (private helpers, pinned transformers)
