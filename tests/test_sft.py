@@ -191,6 +191,7 @@ def test_template_check_catches_a_broken_saved_tokenizer(sft_config, sft_main) -
     [
         ("load_in_4bit: true\n", ROWS, "load_in_4bit quantizes the base model, which then cannot be trained"),
         ("merge_adapter: true\n", ROWS, "merge_adapter needs use_peft: true"),
+        ("max_eval_samples: 0\n", ROWS, "max_eval_samples: must be greater than 0"),
         ("chat_template: vicuna\n", ROWS, "chat_template: 'vicuna' is neither a built-in template (chatml)"),
         ("", [*ROWS[:3], {"instruction": "Who?", "output": ""}], "train.jsonl: row 4: 'output' is empty"),
         (
@@ -340,6 +341,23 @@ max_length: 64
     assert len(splits["train"]) + len(splits["validation"]) == 24 + 8  # 75% / 25%, the 24 rows cap the total
     assert "a.jsonl" in table and "instruction" in table and "prompt_completion" in table and "75.0%" in table
     assert set(splits["train"].column_names) == {"prompt", "completion"}
+
+
+def test_max_eval_samples_keeps_the_first_held_out_rows(tmp_path: Path, sft_config) -> None:
+    from hfpipe.data import load_splits, prepare_sft_rows
+    from hfpipe.train.sft import parse as parse_sft
+    from hfpipe.train.tuning import load_tokenizer
+
+    held_out = write_rows(tmp_path / "held_out.jsonl", ROWS[:10])
+    config = sft_config(extra=f"validation_files: [{held_out}]\nmax_eval_samples: 3\n")
+    parsed = parse_sft(["--config", str(config)])
+    tokenizer, _, _ = load_tokenizer(parsed)
+    splits, _ = load_splits(parsed, tokenizer, smoke=False, prepare=prepare_sft_rows)
+    full, _ = load_splits(
+        parse_sft(["--config", str(config), "--max_eval_samples", "100"]), tokenizer, False, prepare_sft_rows
+    )
+    assert len(full["validation"]) == 10 and len(splits["train"]) == len(ROWS)
+    assert splits["validation"].to_list() == full["validation"].to_list()[:3]
 
 
 def test_eval_keys_evaluate_the_trained_model_at_the_end(sft_config, sft_main, tmp_path: Path, capsys) -> None:

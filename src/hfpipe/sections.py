@@ -112,6 +112,9 @@ class TuningArguments:
     dataset_config: str | None = field(default=None, metadata={"help": "The Hub dataset's config name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split of the Hub dataset to train on."})
     dataset_test_split: str | None = field(default=None, metadata={"help": "Split of the Hub dataset to validate on."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on at most this many held-out rows, the first ones (faster)."}
+    )
     skip_bad_rows: bool = field(
         default=False, metadata={"help": "Skip rows that cannot be trained on (counted) instead of stopping."}
     )

@@ -86,8 +86,8 @@ def load_splits(
     count_tokens: Callable[[Dataset], int] | None = None,
 ) -> tuple[DatasetDict, str]:
     """Load the config's sources, convert each with `prepare` (which validates its rows), mix them by fraction;
-    split off validation rows when none are given. Returns the splits and a printable table of rows and tokens per
-    source (`count_tokens`: the rendered tokens of SFT rows by default)."""
+    split off validation rows when none are given, and keep at most max_eval_samples of them. Returns the splits and
+    a printable table of rows and tokens per source (`count_tokens`: the rendered tokens of SFT rows by default)."""
     data_args, mixture = parsed.get(TuningArguments), parsed.get(DatasetMixtureConfig)
     where = str(parsed.path)
     chat = tokenizer.chat_template is not None
@@ -112,6 +112,8 @@ def load_splits(
         train, validation = _hold_out(
             train, mixture.test_split_size, parsed.get(TrainingArguments).seed, sources, where
         )
+    if data_args.max_eval_samples is not None and len(validation) > data_args.max_eval_samples:
+        validation = validation.select(range(data_args.max_eval_samples))
     splits = DatasetDict({"train": train, "validation": validation})
     if smoke:
         splits = DatasetDict({name: split.select(range(min(len(split), 32))) for name, split in splits.items()})
