@@ -281,9 +281,9 @@ def summarize(runs: list[dict]) -> dict:
     }
 
 
-def same_answers(reference: str, batched: str, prompts: list[str], max_tokens: int) -> int:
-    """How many prompts get the same greedy text from the `reference` server, one at a time, and from the
-    `batched` one, sent all at once."""
+def same_answers(urls: dict[str, str], prompts: list[str], max_tokens: int) -> dict[str, int]:
+    """For each server but the batched one: how many prompts get the same greedy text from it, asked one at a time,
+    as from the batched server, asked all at once."""
     from concurrent.futures import ThreadPoolExecutor
 
     import openai
@@ -294,10 +294,13 @@ def same_answers(reference: str, batched: str, prompts: list[str], max_tokens: i
         answer = client.chat.completions.create(model="bench", messages=messages, max_tokens=max_tokens, temperature=0)
         return answer.choices[0].message.content
 
-    single = [ask(reference, prompt) for prompt in prompts]
     with ThreadPoolExecutor(len(prompts)) as pool:
-        answers = list(pool.map(lambda prompt: ask(batched, prompt), prompts))
-    return sum(a == b for a, b in zip(single, answers, strict=True))
+        batched = list(pool.map(lambda prompt: ask(urls["batched"], prompt), prompts))
+    return {
+        mode: sum(ask(url, prompt) == answer for prompt, answer in zip(prompts, batched, strict=True))
+        for mode, url in urls.items()
+        if mode != "batched"
+    }
 
 
 def issue_server_source(work: Path) -> Path:
@@ -334,10 +337,7 @@ def run_load_test(args: argparse.Namespace) -> None:
         try:
             for url in urls.values():  # warm-up: first-call costs are not throughput
                 load_run(url, prompts, 4, 8, args.max_tokens)
-            same = {
-                reference: same_answers(urls[reference], urls["batched"], prompts[:16], args.max_tokens)
-                for reference in ("one_at_a_time", "issue_server")
-            }
+            same = same_answers(urls, prompts[:16], args.max_tokens)
             runs: dict[str, dict[int, list[dict]]] = {mode: {c: [] for c in args.clients} for mode in modes}
             for _ in range(args.rounds):
                 for clients in args.clients:

@@ -85,6 +85,7 @@ BAD_VALUES = [
     ("n_head: -2", ["n_head: -2 must be greater than 0"]),
     ("per_device_train_batch_size: 0", ["per_device_train_batch_size: 0 must be greater than 0"]),
     ("learning_rate: -1.0", ["learning_rate: -1.0 must be greater than 0"]),
+    ("max_eval_samples: 0", ["max_eval_samples: 0 must be greater than 0"]),
     ("block_size: 0", ["block_size: 0 must be at least 2"]),
     ("bf16: true", ["bf16: true needs a GPU with bfloat16 support"]),
     ("fp16: true\nbf16: true", ["bf16 and fp16 are both true"]),

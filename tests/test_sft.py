@@ -191,7 +191,7 @@ def test_template_check_catches_a_broken_saved_tokenizer(sft_config, sft_main) -
     [
         ("load_in_4bit: true\n", ROWS, "load_in_4bit quantizes the base model, which then cannot be trained"),
         ("merge_adapter: true\n", ROWS, "merge_adapter needs use_peft: true"),
-        ("max_eval_samples: 0\n", ROWS, "max_eval_samples: must be greater than 0"),
+        ("max_eval_samples: 0\n", ROWS, "max_eval_samples: 0 must be greater than 0"),
         ("chat_template: vicuna\n", ROWS, "chat_template: 'vicuna' is neither a built-in template (chatml)"),
         ("", [*ROWS[:3], {"instruction": "Who?", "output": ""}], "train.jsonl: row 4: 'output' is empty"),
         (

@@ -51,6 +51,7 @@ POSITIVE_KEYS = frozenset(
         "eval_steps",
         "save_steps",
         "num_train_epochs",
+        "max_eval_samples",
     }
 )
 

@@ -90,8 +90,6 @@ def check(values: dict[str, Any], where: str) -> None:
         raise ConfigError(f"{where}: block_size: {values.get('block_size')} must be at least 2.")
     if not 0.0 < values["validation_split_fraction"] < 1.0:
         raise ConfigError(f"{where}: validation_split_fraction: must be between 0 and 1 (exclusive).")
-    if values.get("max_eval_samples") is not None and values["max_eval_samples"] <= 0:
-        raise ConfigError(f"{where}: max_eval_samples: must be greater than 0.")
     if values["sample_max_new_tokens"] <= 0:
         raise ConfigError(f"{where}: sample_max_new_tokens: must be greater than 0.")
     _check_model(values, where)

@@ -62,8 +62,6 @@ def check_tuning(values: dict[str, Any], where: str) -> None:
             resolve_files(values[key], key, where)
     if not 0.0 < values["test_split_size"] < 1.0:
         raise ConfigError(f"{where}: test_split_size: must be between 0 and 1 (exclusive).")
-    if values.get("max_eval_samples") is not None and values["max_eval_samples"] <= 0:
-        raise ConfigError(f"{where}: max_eval_samples: must be greater than 0.")
     check_config_evaluations(values, where)
     check_output_dir(values, where)
     check_report_to(values, where)
