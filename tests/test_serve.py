@@ -362,13 +362,13 @@ def test_requests_after_shutdown_began_get_503(loaded: LoadedModel) -> None:
     with running_server(app) as url:
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
         assert chat(client, "hi", max_tokens=2).choices[0].finish_reason in ("stop", "length")
-        app.state.worker.begin_shutdown(grace_seconds=60)
+        app.state.engine.begin_shutdown(grace_seconds=60)
         with pytest.raises(openai.InternalServerError, match="shutting down") as raised:
             chat(client, "hi", max_tokens=2)
         assert raised.value.status_code == 503
-        stream = chat(client, "hi", max_tokens=2, stream=True)
-        with pytest.raises(openai.APIError, match="shutting down"):
-            list(stream)
+        with pytest.raises(openai.InternalServerError, match="shutting down") as raised:  # before the stream starts
+            chat(client, "hi", max_tokens=2, stream=True)
+        assert raised.value.status_code == 503
 
 
 def test_shutdown_cuts_a_running_generation(tiny_gpt2_dir: Path) -> None:
@@ -385,7 +385,7 @@ def test_shutdown_cuts_a_running_generation(tiny_gpt2_dir: Path) -> None:
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
         chunks = iter(chat(client, "Hello king", max_tokens=20, temperature=0, stream=True))
         next(item for item in chunks if item.choices and item.choices[0].delta.content)
-        app.state.worker.begin_shutdown(grace_seconds=0)
+        app.state.engine.begin_shutdown(grace_seconds=0)
         with pytest.raises(openai.APIError, match="shutting down"):
             list(chunks)
 

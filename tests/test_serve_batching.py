@@ -107,7 +107,7 @@ def test_a_disconnected_stream_leaves_the_batch(tiny_gpt2_dir: Path) -> None:
 
     slow.model.forward = slow_forward
     app = create_app(slow, MODEL_ID, max_batch_size=4)
-    batch = app.state.worker._batch
+    batch = app.state.engine.worker._batch
     with running_server(app) as url:
         client = openai_client(url)
         messages = [{"role": "user", "content": "my lord"}]

@@ -64,16 +64,22 @@ def load_for_inference(
     """
     path = check_model_source(name)
     base = adapter_base(Path(path)) if looks_local(path) else None
-    tokenizer = load_tokenizer_from(path, "model", trust_remote_code=trust_remote_code)
+    tokenizer = load_inference_tokenizer(path, trust_remote_code)
     if base is None:
         model = load_causal_lm(path, "main", dtype, None, trust_remote_code)
     else:
         model = merge_adapter(path, base, tokenizer, dtype, trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # batched generation needs a pad; GPT-2 ships none
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.eval()
     return LoadedModel(model, tokenizer, name, base)
+
+
+def load_inference_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model source (as check_model_source returns it), with a pad token for batches."""
+    tokenizer = load_tokenizer_from(path, "model", trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # batched generation needs a pad; GPT-2 ships none
+    return tokenizer
 
 
 def load_reward_scorer(name: str, device: str | torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -60,8 +60,7 @@ if TYPE_CHECKING:
 
     from hfpipe.models.trained import LoadedModel
     from hfpipe.tools.serve_adapters import Served
-    from hfpipe.tools.serve_batch import Job
-    from hfpipe.tools.serve_worker import ModelWorker
+    from hfpipe.tools.serve_worker import Engine, RowStream
 
 DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_MAX_BATCH_SIZE = 16  # rows (choices) of one generate call
@@ -161,29 +160,34 @@ def create_app(
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     served: dict[str, Served] | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving `loaded` as `model_id` with OpenAI's routes; `max_new_tokens` applies to requests
-    without max_tokens, `max_batch_size` rows at most decode together (1: one at a time). `served` (from
-    serve_adapters.load_adapters) adds LoRA adapters of the same base, each under its own id. Its lifespan's end
-    stops running generations and the generation thread."""
+    """The FastAPI app serving `loaded` as `model_id` from this process (a LocalEngine); `max_new_tokens` applies
+    to requests without max_tokens, `max_batch_size` rows at most decode together (1: one at a time). `served`
+    (from serve_adapters.load_adapters) adds LoRA adapters of the same base, each under its own id."""
+    from hfpipe.tools.serve_adapters import Served
+    from hfpipe.tools.serve_worker import LocalEngine
+
+    served = served or {model_id: Served(loaded)}
+    return engine_app(LocalEngine(served, max_new_tokens, max_batch_size))
+
+
+def engine_app(engine: Engine) -> FastAPI:
+    """The FastAPI app with OpenAI's routes, generating with `engine` (its first id is the base model's). Its
+    lifespan's end closes the engine."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
-    from hfpipe.tools.serve_adapters import Served
-    from hfpipe.tools.serve_worker import ModelWorker, prepare_jobs
-
-    served = served or {model_id: Served(loaded)}
-    worker = ModelWorker(served[model_id].loaded, max_batch_size)
+    model_id = engine.ids[0]
     created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        await asyncio.to_thread(worker.close)
+        await asyncio.to_thread(engine.close)
 
     app = FastAPI(title=f"hfpipe serve {model_id}", lifespan=lifespan)
-    app.state.worker = worker
+    app.state.engine = engine
 
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, error: RequestError) -> JSONResponse:
@@ -207,20 +211,19 @@ def create_app(
     async def _server_error(_: Request, error: Exception) -> JSONResponse:  # a bug: uvicorn still logs the traceback
         return JSONResponse(error_body(f"The server failed: {error}", "server_error"), status_code=500)
 
-    def check_model(name: str) -> Served:
-        if name not in served:
-            ids = ", ".join(f"'{served_id}'" for served_id in served)
+    def check_model(name: str) -> None:
+        if name not in engine.ids:
+            ids = ", ".join(f"'{served_id}'" for served_id in engine.ids)
             raise RequestError(
                 f"The model '{name}' does not exist: this server serves {ids} (see /v1/models).",
                 "model",
                 "model_not_found",
                 status=404,
             )
-        return served[name]
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_object(served_id, created) for served_id in served]}
+        return {"object": "list", "data": [model_object(served_id, created) for served_id in engine.ids]}
 
     @app.get("/v1/models/{name:path}")
     async def retrieve_model(name: str) -> dict[str, Any]:
@@ -228,14 +231,14 @@ def create_app(
         return model_object(name, created)
 
     async def complete(kind: Literal["chat", "text"], request: GenerationRequest) -> Any:
-        target = check_model(request.model)
+        check_model(request.model)
         check_request(request)
-        jobs = prepare_jobs(target.loaded, request, max_new_tokens, target.adapter, target.eos_token_id)
+        streams = await engine.submit(request.model, request)
         if request.stream:
             with_usage = bool(request.stream_options and request.stream_options.include_usage)
-            events = stream_events(worker, jobs, request, kind, request.model, with_usage)
+            events = stream_events(streams, request, kind, request.model, with_usage)
             return StreamingResponse(events, media_type="text/event-stream")
-        return await full_response(worker, jobs, request, kind, request.model)
+        return await full_response(engine, streams, request, kind, request.model)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest) -> Any:
@@ -249,25 +252,24 @@ def create_app(
 
 
 async def full_response(
-    worker: ModelWorker, jobs: list[Job], request: GenerationRequest, kind: Literal["chat", "text"], model_id: str
+    engine: Engine, streams: list[RowStream], request: GenerationRequest, kind: Literal["chat", "text"], model_id: str
 ) -> dict:
-    """Generate every choice and return them as one chat.completion or text_completion object."""
+    """Collect every choice's rows and return them as one chat.completion or text_completion object."""
     from hfpipe.tools.serve_responses import choices, collect, total_usage
 
-    answers = await collect(worker.submit(jobs))
+    answers = await collect(streams)
     finishes = [answer.finish for answer in answers]
     return response(
         kind,
         new_id(kind),
         model_id,
-        choices(kind, request, worker.loaded.tokenizer, answers),
-        total_usage(jobs, finishes, request.choices_per_prompt()),
+        choices(kind, request, engine.tokenizer, answers),
+        total_usage(finishes, request.choices_per_prompt()),
     )
 
 
 async def stream_events(
-    worker: ModelWorker,
-    jobs: list[Job],
+    streams: list[RowStream],
     request: GenerationRequest,
     kind: Literal["chat", "text"],
     model_id: str,
@@ -279,20 +281,20 @@ async def stream_events(
 
     response_id = new_id(kind)
     if kind == "chat":
-        for index in range(len(jobs)):
+        for index in range(len(streams)):
             yield sse(chunk(kind, response_id, model_id, "", with_usage=with_usage, first=True, index=index))
     finishes: dict[int, Any] = {}
-    texts = [TextChunks(kind, response_id, model_id, with_usage, index) for index in range(len(jobs))]
+    texts = [TextChunks(kind, response_id, model_id, with_usage, index) for index in range(len(streams))]
     try:
-        async for index, item in merge(worker.submit(jobs)):
+        async for index, item in merge(streams):
             if isinstance(item, str):
                 yield sse(texts[index].body(item))
                 continue
             finishes[index] = item
             yield sse(chunk(kind, response_id, model_id, None, item.finish_reason, with_usage, index=index))
         if with_usage:
-            ordered = [finishes[index] for index in range(len(jobs))]
-            totals = total_usage(jobs, ordered, request.choices_per_prompt())
+            ordered = [finishes[index] for index in range(len(streams))]
+            totals = total_usage(ordered, request.choices_per_prompt())
             yield sse(usage_chunk(kind, response_id, model_id, totals))
     except RequestError as error:
         yield sse(error.body())
@@ -314,7 +316,7 @@ def serve_until_stopped(app: FastAPI, config: Config) -> None:
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: object) -> None:
             super().handle_exit(sig, frame)
-            app.state.worker.begin_shutdown(GENERATION_GRACE_SECONDS)
+            app.state.engine.begin_shutdown(GENERATION_GRACE_SECONDS)
 
     # uvicorn re-raises the signal to the handler it found once it has shut down: exit 0 rather than die by the
     # signal (or print a KeyboardInterrupt traceback).
@@ -323,16 +325,10 @@ def serve_until_stopped(app: FastAPI, config: Config) -> None:
     Server(config).run()
 
 
-def run(args: argparse.Namespace) -> None:
-    """Run `hfpipe serve`: check the flags, load the model, serve until SIGTERM or Ctrl+C."""
-    check_args(args)
-    import uvicorn
-    from transformers.utils import logging as hf_logging
+def check_model_args(args: argparse.Namespace) -> tuple[str, str]:
+    """The model to serve (the newest finished run when none is named) and its id; the adapters' base must be it."""
+    from hfpipe.tools.serve_adapters import check_adapter_bases
 
-    from hfpipe.models.trained import load_for_inference
-    from hfpipe.tools.serve_adapters import check_adapter_bases, load_adapters
-
-    hf_logging.disable_progress_bar()
     name, picked = model_or_latest_run(args.model)
     if picked:
         print(f"# no model named: serving {picked}: {name}", flush=True)
@@ -340,13 +336,35 @@ def run(args: argparse.Namespace) -> None:
     if model_id in args.adapters:
         raise ConfigError(f"--lora {model_id}=...: '{model_id}' is the base model's id; name the adapter otherwise.")
     check_adapter_bases(name, args.adapters)
-    loaded = load_for_inference(name, args.dtype, args.device, args.trust_remote_code)
-    served = load_adapters(loaded, model_id, args.adapters)
-    app = create_app(loaded, model_id, args.max_new_tokens, args.max_batch_size, served)
+    return name, model_id
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run `hfpipe serve`: check the flags, load the model in its own process, serve until SIGTERM or Ctrl+C."""
+    check_args(args)
+    from hfpipe.tools.serve_process import EngineSpec, ProcessEngine
+
+    engine = ProcessEngine()  # it imports torch and transformers while this process checks the model
+    try:
+        name, model_id = check_model_args(args)
+        from hfpipe.models.trained import check_model_source, load_inference_tokenizer
+
+        path = check_model_source(name)
+        spec = EngineSpec(
+            name, model_id, args.adapters, args.dtype, args.device, args.trust_remote_code, args.max_new_tokens,
+            args.max_batch_size,
+        )  # fmt: skip
+        engine.load(spec, load_inference_tokenizer(path, args.trust_remote_code))
+    except BaseException:
+        engine.close()
+        raise
+    import uvicorn
+
+    app = engine_app(engine)
     config = uvicorn.Config(
         app, host=args.host, port=args.port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, log_level="info"
     )
     print(start_line(args.host, args.port, model_id), flush=True)
-    if len(served) > 1:
-        print(f"# also serving LoRA adapters: {', '.join(list(served)[1:])}", flush=True)
+    if len(engine.ids) > 1:
+        print(f"# also serving LoRA adapters: {', '.join(engine.ids[1:])}", flush=True)
     serve_until_stopped(app, config)

@@ -79,9 +79,9 @@ class Row:
     """A job in the worker: its output channel (`push`, called from the worker thread), its cancel flag and
     what it generated."""
 
-    def __init__(self, job: Job, push: Callable[[Any], None]) -> None:
+    def __init__(self, job: Job, push: Callable[[Any], None], cancel: threading.Event | None = None) -> None:
         self.job, self.push = job, push
-        self.cancel = threading.Event()
+        self.cancel = cancel or threading.Event()
         self.new_ids: list[int] = []
         self.reason: str | None = None  # set when the row has ended
         self.at_eos = False

@@ -13,7 +13,7 @@ from openai.types.chat.chat_completion import Choice as ChatChoice
 from transformers import PreTrainedTokenizerBase
 
 from hfpipe.tools.openai_schema import CompletionRequest, GenerationRequest, chat_choice, completion_choice, usage
-from hfpipe.tools.serve_batch import Finish, Job
+from hfpipe.tools.serve_batch import Finish
 from hfpipe.tools.serve_logprobs import chat_logprobs, completion_logprobs
 from hfpipe.tools.serve_worker import RowStream
 
@@ -83,9 +83,10 @@ async def merge(streams: Sequence[RowStream]) -> AsyncIterator[tuple[int, str | 
             task.cancel()
 
 
-def total_usage(jobs: Sequence[Job], finishes: Sequence[Finish], per_prompt: int) -> CompletionUsage:
-    """Usage of a request: each prompt counted once (not once per choice), every choice's tokens."""
-    prompt_tokens = sum(len(job.prompt_ids) for job in jobs[::per_prompt])
+def total_usage(finishes: Sequence[Finish], per_prompt: int) -> CompletionUsage:
+    """Usage of a request from its choices in order: each prompt counted once (not once per choice), every
+    choice's tokens."""
+    prompt_tokens = sum(finish.prompt_tokens for finish in finishes[::per_prompt])
     return usage(prompt_tokens, sum(finish.completion_tokens for finish in finishes))
 
 

@@ -1,14 +1,17 @@
 """The generation side of `hfpipe serve`: a request's prompts rendered as the model was trained, one job per choice
 with its GenerationConfig, and one worker thread that decodes the queued jobs continuously batched: a request that
-arrives while others decode joins them at the next step, up to a maximum batch size (1: one answer at a time)."""
+arrives while others decode joins them at the next step, up to a maximum batch size (1: one answer at a time).
+An Engine is what the HTTP routes talk to: LocalEngine runs all this in the server's process, ProcessEngine
+(serve_process) in a process of its own."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
 from jinja2 import TemplateError
 from transformers import GenerationConfig, PreTrainedTokenizerBase
@@ -23,6 +26,7 @@ from hfpipe.tools.openai_schema import (
     RequestError,
 )
 from hfpipe.tools.prompts import context_length, encode_prompt, render_chat_prompt
+from hfpipe.tools.serve_adapters import Served
 from hfpipe.tools.serve_batch import CUT, ContinuousBatch, Finish, Job, Row
 
 SYSTEM_ROLES = ("system", "developer")  # OpenAI's newer clients send "developer" where older ones send "system"
@@ -181,49 +185,61 @@ class StopFilter:
 SHUTTING_DOWN = "The server is shutting down; retry later."
 
 
+class Flushable(Protocol):
+    """Where a worker's rows send their items: delivered at each flush, once per decoding step."""
+
+    def flush(self) -> None: ...
+
+
 class Outbox:
     """What the worker thread sends to the requests' queues, handed to their event loop once per decoding step:
     one wake-up of the loop per step rather than one per row and token."""
 
     def __init__(self) -> None:
-        self._items: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any], Any]] = []
+        self._items: list[tuple[asyncio.AbstractEventLoop, RowStream, Any]] = []
         self._lock = threading.Lock()
 
-    def put(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any], item: Any) -> None:
-        """Hold `item` for `queue` until the next flush."""
+    def put(self, loop: asyncio.AbstractEventLoop, stream: RowStream, item: Any) -> None:
+        """Hold `item` for `stream` until the next flush."""
         with self._lock:
-            self._items.append((loop, queue, item))
+            self._items.append((loop, stream, item))
 
     def flush(self) -> None:
         """Deliver what is held, in order."""
         with self._lock:
             items, self._items = self._items, []
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
-        for loop, queue, item in items:
-            by_loop.setdefault(loop, []).append((queue, item))
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RowStream, Any]]] = {}
+        for loop, stream, item in items:
+            by_loop.setdefault(loop, []).append((stream, item))
         for loop, deliveries in by_loop.items():
             if not loop.is_closed():
-                loop.call_soon_threadsafe(_deliver, deliveries)
+                loop.call_soon_threadsafe(deliver_all, deliveries)
 
 
-def _deliver(deliveries: list[tuple[asyncio.Queue[Any], Any]]) -> None:
-    for queue, item in deliveries:
-        queue.put_nowait(item)
+def deliver_all(deliveries: list[tuple[RowStream, Any]]) -> None:
+    """Hand each stream its item, in order (on the streams' event loop)."""
+    for stream, item in deliveries:
+        stream.deliver(item)
 
 
 class RowStream:
-    """The request side of a row: its text (stop sequences cut out), then its Finish."""
+    """The request side of a row: its text (stop sequences cut out), then its Finish. Whoever decodes the row
+    delivers its items with `deliver`, on the stream's event loop; `cancel` tells the decoder to stop it."""
 
-    def __init__(self, job: Job, loop: asyncio.AbstractEventLoop, outbox: Outbox) -> None:
+    def __init__(self, stops: list[str], cancel: Callable[[], None]) -> None:
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self.row = Row(job, lambda item: outbox.put(loop, self._queue, item))
+        self.stops, self._cancel = stops, cancel
+
+    def deliver(self, item: Any) -> None:
+        """Hand the stream its next item: text, its Finish, or an error (called on the stream's event loop)."""
+        self._queue.put_nowait(item)
 
     def cancel(self) -> None:
         """Stop the row at its next token (or before it starts): the client is gone."""
-        self.row.cancel.set()
+        self._cancel()
 
     async def __aiter__(self) -> AsyncIterator[str | Finish]:
-        stops = StopFilter(self.row.job.stops)
+        stops = StopFilter(self.stops)
         held = None
         try:
             while True:
@@ -255,10 +271,10 @@ class ModelWorker:
     """Decodes the queued rows on one thread, continuously batched: rows join the running batch (at most
     `max_batch_size` rows) in arrival order as soon as there is room, and leave it the step they end."""
 
-    def __init__(self, loaded: LoadedModel, max_batch_size: int) -> None:
+    def __init__(self, loaded: LoadedModel, max_batch_size: int, outbox: Flushable | None = None) -> None:
         self.loaded, self.max_batch_size = loaded, max_batch_size
         self._pending: deque[Row] = deque()
-        self._outbox = Outbox()
+        self._outbox = outbox or Outbox()  # what the rows push is sent on at each flush
         self._batch = ContinuousBatch(loaded, max_batch_size)
         self._wake = threading.Condition()
         self._stopping = self._closed = False
@@ -267,14 +283,24 @@ class ModelWorker:
 
     def submit(self, jobs: list[Job]) -> list[RowStream]:
         """Queue a request's jobs; their streams, in the same order. A 503 once shutdown has begun."""
-        loop = asyncio.get_running_loop()
-        streams = [RowStream(job, loop, self._outbox) for job in jobs]
+        assert isinstance(self._outbox, Outbox)
+        loop, outbox = asyncio.get_running_loop(), self._outbox
+        streams, rows = [], []
+        for job in jobs:
+            cancel = threading.Event()
+            stream = RowStream(job.stops, cancel.set)
+            rows.append(Row(job, functools.partial(outbox.put, loop, stream), cancel))
+            streams.append(stream)
+        self.enqueue(rows)
+        return streams
+
+    def enqueue(self, rows: list[Row]) -> None:
+        """Queue rows to decode; a 503 once shutdown has begun."""
         with self._wake:
             if self._stopping:
                 raise RequestError(SHUTTING_DOWN, status=503, error_type="server_error")
-            self._pending.extend(stream.row for stream in streams)
+            self._pending.extend(rows)
             self._wake.notify()
-        return streams
 
     def _loop(self) -> None:
         batch = self._batch
@@ -334,3 +360,51 @@ class ModelWorker:
             self._wake.notify()
         self._thread.join()
         self._outbox.flush()
+
+
+def served_jobs(served: dict[str, Served], model_id: str, request: GenerationRequest, max_new_tokens: int) -> list[Job]:
+    """The jobs of a request for the served id `model_id` (its tokenizer, its adapter, its EOS)."""
+    target = served[model_id]
+    return prepare_jobs(target.loaded, request, max_new_tokens, target.adapter, target.eos_token_id)
+
+
+class Engine(Protocol):
+    """What the HTTP routes of `hfpipe serve` generate with: the served ids, and each request's rows as streams."""
+
+    ids: list[str]  # the served model ids, the base's first
+    tokenizer: PreTrainedTokenizerBase  # the base's: for log-prob token texts and token-id prompts
+
+    async def submit(self, model_id: str, request: GenerationRequest) -> list[RowStream]:
+        """Prepare a request's jobs and queue them; their streams in choice order. RequestError when refused."""
+        ...
+
+    def begin_shutdown(self, grace_seconds: float) -> None:
+        """Refuse queued and new requests (503); cut the running rows after `grace_seconds`."""
+        ...
+
+    def close(self) -> None:
+        """Stop generating and release the model."""
+        ...
+
+
+class LocalEngine:
+    """The Engine in this process: requests are prepared on the event loop, rows decode on a ModelWorker thread
+    (both share this process's GIL; `hfpipe serve` runs serve_process.ProcessEngine instead)."""
+
+    def __init__(self, served: dict[str, Served], max_new_tokens: int, max_batch_size: int) -> None:
+        self.served, self.max_new_tokens = served, max_new_tokens
+        base = next(iter(served.values())).loaded
+        self.ids, self.tokenizer = list(served), base.tokenizer
+        self.worker = ModelWorker(base, max_batch_size)
+
+    async def submit(self, model_id: str, request: GenerationRequest) -> list[RowStream]:
+        """Prepare a request's jobs and queue them; their streams in choice order. RequestError when refused."""
+        return self.worker.submit(served_jobs(self.served, model_id, request, self.max_new_tokens))
+
+    def begin_shutdown(self, grace_seconds: float) -> None:
+        """Refuse queued and new requests (503); cut the running rows after `grace_seconds`."""
+        self.worker.begin_shutdown(grace_seconds)
+
+    def close(self) -> None:
+        """Stop generating and end the worker thread."""
+        self.worker.close()
