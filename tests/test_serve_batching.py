@@ -126,3 +126,14 @@ def test_a_disconnected_stream_leaves_the_batch(tiny_gpt2_dir: Path) -> None:
         assert row.reason == CUT and len(row.new_ids) < 24  # cut when the client went, not finished
         answer = client.completions.create(model=MODEL_ID, prompt="what", max_tokens=3, temperature=0)
         assert answer.usage.completion_tokens == 3 or answer.choices[0].finish_reason == "stop"
+
+
+def test_a_lone_newcomer_waits_a_few_steps_for_company_beside_a_busy_batch() -> None:
+    from hfpipe.tools.serve_worker import JOIN_WAIT_STEPS, joins_now
+
+    assert joins_now(running=7, queued=1, waited=0, max_batch_size=16)  # less than half full: at once
+    assert not joins_now(running=8, queued=1, waited=0, max_batch_size=16)  # half full: wait for a second one
+    assert joins_now(running=8, queued=2, waited=0, max_batch_size=16)  # two share one prefill
+    assert not joins_now(running=15, queued=1, waited=JOIN_WAIT_STEPS - 1, max_batch_size=16)
+    assert joins_now(running=15, queued=1, waited=JOIN_WAIT_STEPS, max_batch_size=16)  # not longer
+    assert joins_now(running=0, queued=1, waited=0, max_batch_size=1)  # one at a time: no waiting
