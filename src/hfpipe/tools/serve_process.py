@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import logging
 import multiprocessing
 import queue
 import signal
@@ -172,7 +173,10 @@ class ProcessEngine:
                 _resolve(loop, accepted, message[2])
             elif kind == CLOSED:
                 return
-        self._fail_open(RuntimeError(f"the model process stopped (exit code {self._process.exitcode})"))
+        self._process.join(timeout=5)
+        stopped = f"the model process stopped (exit code {self._process.exitcode})"
+        logging.getLogger("uvicorn.error").error("%s: requests get 503 from now on; restart the server", stopped)
+        self._fail_open(RuntimeError(stopped))
 
     def _fail_open(self, error: Exception) -> None:
         for loop, accepted in self._waiting.values():
