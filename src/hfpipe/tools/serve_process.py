@@ -26,6 +26,7 @@ import multiprocessing
 import queue
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
@@ -82,6 +83,7 @@ class ProcessEngine:
         self._waiting: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[list[RowStream]]]] = {}
         self._streams: dict[RowKey, tuple[asyncio.AbstractEventLoop, RowStream]] = {}
         self._reader: threading.Thread | None = None
+        self._stopped = False  # the model process has gone
 
     def load(self, spec: EngineSpec, tokenizer: PreTrainedTokenizerBase) -> None:
         """Load the model in its process and wait until it is ready; its UserError (a bad adapter, ...) is raised
@@ -105,6 +107,8 @@ class ProcessEngine:
         request_id = next(self._request_ids)
         accepted: asyncio.Future[list[RowStream]] = loop.create_future()
         self._waiting[request_id] = (loop, accepted)
+        if self._stopped:  # the reader has failed what was waiting; this one came after
+            self._waiting.pop(request_id, None)
         self._send((SUBMIT, request_id, model_id, request))
         return await accepted
 
@@ -125,7 +129,7 @@ class ProcessEngine:
             self._process.join()
 
     def _send(self, message: tuple) -> None:
-        if self._reader is None or not self._reader.is_alive():
+        if self._reader is None or self._stopped:
             raise RequestError(STOPPED, status=503, error_type="server_error")
         self._outgoing.put(message)
 
@@ -142,7 +146,7 @@ class ProcessEngine:
 
     def _read(self) -> None:
         """Route the model process's messages until it closes (or dies: its open requests then get a 500)."""
-        from hfpipe.tools.serve_worker import RowStream, deliver_all
+        from hfpipe.tools.serve_worker import RowStream, post
 
         while True:
             try:
@@ -151,14 +155,12 @@ class ProcessEngine:
                 break
             kind = message[0]
             if kind == ROWS:
-                by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RowStream, Any]]] = {}
-                for key, item in message[1]:
+                deliveries = []
+                for key, item in message[1]:  # a row's last item (not text) ends its routing
                     target = self._streams.get(key) if isinstance(item, str) else self._streams.pop(key, None)
                     if target is not None:
-                        by_loop.setdefault(target[0], []).append((target[1], item))
-                for loop, deliveries in by_loop.items():
-                    if not loop.is_closed():
-                        loop.call_soon_threadsafe(deliver_all, deliveries)
+                        deliveries.append((*target, item))
+                post(deliveries)
             elif kind == ACCEPTED:
                 _, request_id, stops = message
                 loop, accepted = self._waiting.pop(request_id)
@@ -167,36 +169,43 @@ class ProcessEngine:
                     stream = RowStream(row_stops, functools.partial(self._cancel, (request_id, index)))
                     self._streams[(request_id, index)] = (loop, stream)
                     streams.append(stream)
-                _resolve(loop, accepted, streams)
+                # a request whose client left while it was being prepared: its rows stop at once
+                _resolve(loop, accepted, streams, unwanted=lambda streams=streams: [row.cancel() for row in streams])
             elif kind == REFUSED:
                 loop, accepted = self._waiting.pop(message[1])
                 _resolve(loop, accepted, message[2])
             elif kind == CLOSED:
                 return
+        self._stopped = True
         self._process.join(timeout=5)
         stopped = f"the model process stopped (exit code {self._process.exitcode})"
         logging.getLogger("uvicorn.error").error("%s: requests get 503 from now on; restart the server", stopped)
         self._fail_open(RuntimeError(stopped))
 
     def _fail_open(self, error: Exception) -> None:
-        for loop, accepted in self._waiting.values():
-            _resolve(loop, accepted, error)
-        for loop, stream in self._streams.values():
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(stream.deliver, error)
-        self._waiting.clear()
+        from hfpipe.tools.serve_worker import post
+
+        for request_id in list(self._waiting):
+            if (waiting := self._waiting.pop(request_id, None)) is not None:
+                _resolve(*waiting, error)
+        post((loop, stream, error) for loop, stream in list(self._streams.values()))
         self._streams.clear()
 
 
-def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future, outcome: Any) -> None:
-    """Settle `future` on its loop with a result, or an exception when `outcome` is one."""
+def _resolve(
+    loop: asyncio.AbstractEventLoop, future: asyncio.Future, outcome: Any, unwanted: Callable[[], Any] | None = None
+) -> None:
+    """Settle `future` on its loop with a result, or an exception when `outcome` is one; call `unwanted` instead
+    when the future was cancelled (its awaiting request has gone)."""
 
     def settle() -> None:
-        if not future.done():
-            if isinstance(outcome, BaseException):
-                future.set_exception(outcome)
-            else:
-                future.set_result(outcome)
+        if future.done():
+            if unwanted is not None:
+                unwanted()
+        elif isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
 
     if not loop.is_closed():
         loop.call_soon_threadsafe(settle)
@@ -300,7 +309,7 @@ class ModelSide:
 class PipeOutbox:
     """The rows' items, sent to the server once per decoding step (ModelWorker flushes)."""
 
-    def __init__(self, send: Any) -> None:
+    def __init__(self, send: Callable[[tuple], None]) -> None:
         self._send = send
         self._items: list[tuple[RowKey, Any]] = []
         self._lock = threading.Lock()

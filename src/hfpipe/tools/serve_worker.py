@@ -10,7 +10,7 @@ import asyncio
 import functools
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, Protocol
 
 from jinja2 import TemplateError
@@ -208,16 +208,20 @@ class Outbox:
         """Deliver what is held, in order."""
         with self._lock:
             items, self._items = self._items, []
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RowStream, Any]]] = {}
-        for loop, stream, item in items:
-            by_loop.setdefault(loop, []).append((stream, item))
-        for loop, deliveries in by_loop.items():
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(deliver_all, deliveries)
+        post(items)
 
 
-def deliver_all(deliveries: list[tuple[RowStream, Any]]) -> None:
-    """Hand each stream its item, in order (on the streams' event loop)."""
+def post(items: Iterable[tuple[asyncio.AbstractEventLoop, RowStream, Any]]) -> None:
+    """Hand each item to its stream, in order, on the stream's event loop: one wake-up per loop (from any thread)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RowStream, Any]]] = {}
+    for loop, stream, item in items:
+        by_loop.setdefault(loop, []).append((stream, item))
+    for loop, deliveries in by_loop.items():
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(_deliver, deliveries)
+
+
+def _deliver(deliveries: list[tuple[RowStream, Any]]) -> None:
     for stream, item in deliveries:
         stream.deliver(item)
 
@@ -281,7 +285,7 @@ def joins_now(running: int, queued: int, waited: int, max_batch_size: int) -> bo
 
 class ModelWorker:
     """Decodes the queued rows on one thread, continuously batched: rows join the running batch (at most
-    `max_batch_size` rows) in arrival order as soon as there is room, and leave it the step they end."""
+    `max_batch_size` rows) in arrival order when there is room (see joins_now), and leave it the step they end."""
 
     def __init__(self, loaded: LoadedModel, max_batch_size: int, outbox: Flushable | None = None) -> None:
         self.loaded, self.max_batch_size = loaded, max_batch_size
