@@ -371,15 +371,21 @@ def test_requests_after_shutdown_began_get_503(loaded: LoadedModel) -> None:
         assert raised.value.status_code == 503
 
 
-def test_shutdown_cuts_a_running_generation(tiny_gpt2_dir: Path) -> None:
-    slow = load_for_inference(str(tiny_gpt2_dir), device="cpu")
+def slowed_model(model_dir: Path, seconds: float) -> LoadedModel:
+    """The model loaded on CPU, each forward pass `seconds` longer: a generation lasts long enough to act on."""
+    slow = load_for_inference(str(model_dir), device="cpu")
     forward = slow.model.forward
 
     def slow_forward(*args: object, **kwargs: object) -> object:
-        time.sleep(0.05)  # 20 tokens take a second: long enough to stop the generation in the middle
+        time.sleep(seconds)
         return forward(*args, **kwargs)
 
     slow.model.forward = slow_forward
+    return slow
+
+
+def test_shutdown_cuts_a_running_generation(tiny_gpt2_dir: Path) -> None:
+    slow = slowed_model(tiny_gpt2_dir, 0.05)  # 20 tokens take a second: stopped in the middle
     app = create_app(slow, MODEL_ID)
     with running_server(app) as url:
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)

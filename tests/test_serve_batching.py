@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from test_serve import MODEL_ID, openai_client, reference, running_server
+from test_serve import MODEL_ID, openai_client, reference, running_server, slowed_model
 
 from hfpipe.models.trained import LoadedModel, load_for_inference
 from hfpipe.tools.serve import create_app
@@ -98,14 +98,7 @@ def test_rows_join_a_running_batch(servers: tuple[str, str, list[int], LoadedMod
 
 
 def test_a_disconnected_stream_leaves_the_batch(tiny_gpt2_dir: Path) -> None:
-    slow = load_for_inference(str(tiny_gpt2_dir), device="cpu")
-    forward = slow.model.forward
-
-    def slow_forward(*args: object, **kwargs: object) -> object:
-        time.sleep(0.02)
-        return forward(*args, **kwargs)
-
-    slow.model.forward = slow_forward
+    slow = slowed_model(tiny_gpt2_dir, 0.02)
     app = create_app(slow, MODEL_ID, max_batch_size=4)
     batch = app.state.engine.worker._batch
     with running_server(app) as url:

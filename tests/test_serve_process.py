@@ -15,7 +15,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from test_serve import MODEL_ID, openai_client, running_server
+from test_serve import MODEL_ID, openai_client, running_server, slowed_model
 
 from hfpipe.errors import ConfigError
 from hfpipe.models.trained import load_for_inference, load_inference_tokenizer
@@ -141,14 +141,7 @@ def test_shutdown_refuses_new_requests_and_the_model_process_exits(tiny_gpt2_dir
 
 
 def test_the_model_side_cuts_a_cancelled_row(tiny_gpt2_dir: Path) -> None:
-    slow = load_for_inference(str(tiny_gpt2_dir), device="cpu")
-    forward = slow.model.forward
-
-    def slow_forward(*args: object, **kwargs: object) -> object:
-        time.sleep(0.02)
-        return forward(*args, **kwargs)
-
-    slow.model.forward = slow_forward
+    slow = slowed_model(tiny_gpt2_dir, 0.02)
     server_end, model_end = Pipe()
     side = ModelSide({MODEL_ID: Served(slow)}, spec_for(tiny_gpt2_dir, max_new_tokens=40), model_end)
     thread = threading.Thread(target=side.run, daemon=True)
