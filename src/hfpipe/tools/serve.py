@@ -280,12 +280,12 @@ async def stream_events(
     from hfpipe.tools.serve_responses import merge, total_usage
 
     response_id = new_id(kind)
-    if kind == "chat":
-        for index in range(len(streams)):
-            yield sse(chunk(kind, response_id, model_id, "", with_usage=with_usage, first=True, index=index))
     finishes: dict[int, Any] = {}
     texts = [TextChunks(kind, response_id, model_id, with_usage, index) for index in range(len(streams))]
     try:
+        if kind == "chat":
+            for index in range(len(streams)):
+                yield sse(chunk(kind, response_id, model_id, "", with_usage=with_usage, first=True, index=index))
         async for index, item in merge(streams):
             if isinstance(item, str):
                 yield sse(texts[index].body(item))
@@ -301,6 +301,9 @@ async def stream_events(
     except Exception as error:  # the response has started: report in the stream, log the traceback
         logger.exception("generation failed")
         yield sse(error_body(f"generation failed: {error}", "server_error"))
+    finally:  # the client may leave before the rows are read (the rows were queued before the response started)
+        for stream in streams:
+            stream.cancel()
     yield sse("[DONE]")
 
 
