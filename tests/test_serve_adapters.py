@@ -14,9 +14,10 @@ import pytest
 import torch
 from test_serve import MODEL_ID, openai_client, reference, running_server
 
-from hfpipe.models.trained import LoadedModel, load_for_inference, merge_adapter
-from hfpipe.tools.serve import create_app
+from hfpipe.models.trained import LoadedModel, load_for_inference, load_inference_tokenizer, merge_adapter
+from hfpipe.tools.serve import create_app, engine_app
 from hfpipe.tools.serve_adapters import load_adapters
+from hfpipe.tools.serve_process import EngineSpec, ProcessEngine
 
 PROMPTS = ["the king", "my lady and the night", "what"]
 
@@ -38,11 +39,24 @@ def adapter_dirs(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     return dirs
 
 
-@pytest.fixture(scope="module")
-def client(tiny_gpt2_dir: Path, adapter_dirs: dict[str, Path]) -> Iterator[openai.OpenAI]:
-    loaded = load_for_inference(str(tiny_gpt2_dir), device="cpu")
-    served = load_adapters(loaded, MODEL_ID, {name: str(path) for name, path in adapter_dirs.items()})
-    with running_server(create_app(loaded, MODEL_ID, max_new_tokens=8, served=served)) as url:
+@pytest.fixture(scope="module", params=["in-process", "model process"])
+def client(
+    request: pytest.FixtureRequest, tiny_gpt2_dir: Path, adapter_dirs: dict[str, Path]
+) -> Iterator[openai.OpenAI]:
+    """The base and both adapters served from this process (create_app), or as `hfpipe serve --lora` serves them:
+    loaded in a model process of their own."""
+    adapters = {name: str(path) for name, path in adapter_dirs.items()}
+    if request.param == "in-process":
+        loaded = load_for_inference(str(tiny_gpt2_dir), device="cpu")
+        app = create_app(loaded, MODEL_ID, max_new_tokens=8, served=load_adapters(loaded, MODEL_ID, adapters))
+    else:
+        engine = ProcessEngine()
+        engine.load(
+            EngineSpec(str(tiny_gpt2_dir), MODEL_ID, adapters, None, "cpu", False, 8, 16),
+            load_inference_tokenizer(str(tiny_gpt2_dir)),
+        )
+        app = engine_app(engine)
+    with running_server(app) as url:
         yield openai_client(url)
 
 
