@@ -243,11 +243,11 @@ class ModelSide:
     """The model process's end of the pipe: prepares requests into rows for its ModelWorker, sends their items."""
 
     def __init__(self, served: dict[str, Served], spec: EngineSpec, connection: Connection) -> None:
-        from hfpipe.tools.serve_worker import ModelWorker
+        from hfpipe.tools.serve_worker import ModelWorker, Outbox
 
         self.served, self.spec, self.connection = served, spec, connection
         self._send_lock = threading.Lock()  # this thread and the decoding thread both send
-        self._outbox = PipeOutbox(self._send)
+        self._outbox = Outbox(self._send_rows)  # items as (row key, item)
         self._rows: dict[RowKey, Row] = {}
         self.worker = ModelWorker(served[spec.model_id].loaded, spec.max_batch_size, self._outbox)
 
@@ -299,30 +299,12 @@ class ModelSide:
             self._rows.pop(key, None)
             if isinstance(item, BaseException) and not isinstance(item, RequestError):
                 item = RuntimeError(str(item))  # any exception's message, without its (maybe unpicklable) state
-        self._outbox.put(key, item)
+        self._outbox.put((key, item))
+
+    def _send_rows(self, items: list[tuple[RowKey, Any]]) -> None:
+        with contextlib.suppress(OSError):  # the server is gone; the pipe's end closes this process
+            self._send((ROWS, items))
 
     def _send(self, message: tuple) -> None:
         with self._send_lock:
             self.connection.send(message)
-
-
-class PipeOutbox:
-    """The rows' items, sent to the server once per decoding step (ModelWorker flushes)."""
-
-    def __init__(self, send: Callable[[tuple], None]) -> None:
-        self._send = send
-        self._items: list[tuple[RowKey, Any]] = []
-        self._lock = threading.Lock()
-
-    def put(self, key: RowKey, item: Any) -> None:
-        """Hold a row's item until the next flush."""
-        with self._lock:
-            self._items.append((key, item))
-
-    def flush(self) -> None:
-        """Send what is held, in order."""
-        with self._lock:
-            items, self._items = self._items, []
-        if items:
-            with contextlib.suppress(OSError):  # the server is gone; the pipe's end closes this process
-                self._send((ROWS, items))

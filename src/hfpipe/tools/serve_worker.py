@@ -185,30 +185,27 @@ class StopFilter:
 SHUTTING_DOWN = "The server is shutting down; retry later."
 
 
-class Flushable(Protocol):
-    """Where a worker's rows send their items: delivered at each flush, once per decoding step."""
-
-    def flush(self) -> None: ...
-
-
 class Outbox:
-    """What the worker thread sends to the requests' queues, handed to their event loop once per decoding step:
-    one wake-up of the loop per step rather than one per row and token."""
+    """What the worker thread's rows push, held and handed to `deliver` all at once, in order, once per decoding
+    step: one wake-up of the receiver (an event loop, the pipe to the server) per step rather than one per row and
+    token."""
 
-    def __init__(self) -> None:
-        self._items: list[tuple[asyncio.AbstractEventLoop, RowStream, Any]] = []
+    def __init__(self, deliver: Callable[[list[Any]], None]) -> None:
+        self._deliver = deliver
+        self._items: list[Any] = []
         self._lock = threading.Lock()
 
-    def put(self, loop: asyncio.AbstractEventLoop, stream: RowStream, item: Any) -> None:
-        """Hold `item` for `stream` until the next flush."""
+    def put(self, item: Any) -> None:
+        """Hold `item` until the next flush."""
         with self._lock:
-            self._items.append((loop, stream, item))
+            self._items.append(item)
 
     def flush(self) -> None:
         """Deliver what is held, in order."""
         with self._lock:
             items, self._items = self._items, []
-        post(items)
+        if items:
+            self._deliver(items)
 
 
 def post(items: Iterable[tuple[asyncio.AbstractEventLoop, RowStream, Any]]) -> None:
@@ -287,28 +284,15 @@ class ModelWorker:
     """Decodes the queued rows on one thread, continuously batched: rows join the running batch (at most
     `max_batch_size` rows) in arrival order when there is room (see joins_now), and leave it the step they end."""
 
-    def __init__(self, loaded: LoadedModel, max_batch_size: int, outbox: Flushable | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, max_batch_size: int, outbox: Outbox) -> None:
         self.loaded, self.max_batch_size = loaded, max_batch_size
         self._pending: deque[Row] = deque()
-        self._outbox = outbox or Outbox()  # what the rows push is sent on at each flush
+        self._outbox = outbox  # where the rows push their items; flushed after each step
         self._batch = ContinuousBatch(loaded, max_batch_size)
         self._wake = threading.Condition()
         self._stopping = self._closed = False
         self._thread = threading.Thread(target=self._loop, name="hfpipe-generate", daemon=True)
         self._thread.start()
-
-    def submit(self, jobs: list[Job]) -> list[RowStream]:
-        """Queue a request's jobs; their streams, in the same order. A 503 once shutdown has begun."""
-        assert isinstance(self._outbox, Outbox)
-        loop, outbox = asyncio.get_running_loop(), self._outbox
-        streams, rows = [], []
-        for job in jobs:
-            cancel = threading.Event()
-            stream = RowStream(job.stops, cancel.set)
-            rows.append(Row(job, functools.partial(outbox.put, loop, stream), cancel))
-            streams.append(stream)
-        self.enqueue(rows)
-        return streams
 
     def enqueue(self, rows: list[Row]) -> None:
         """Queue rows to decode; a 503 once shutdown has begun."""
@@ -415,11 +399,23 @@ class LocalEngine:
         self.served, self.max_new_tokens = served, max_new_tokens
         base = next(iter(served.values())).loaded
         self.ids, self.tokenizer = list(served), base.tokenizer
-        self.worker = ModelWorker(base, max_batch_size)
+        self._outbox = Outbox(post)  # items as (event loop, stream, item)
+        self.worker = ModelWorker(base, max_batch_size, self._outbox)
 
     async def submit(self, model_id: str, request: GenerationRequest) -> list[RowStream]:
         """Prepare a request's jobs and queue them; their streams in choice order. RequestError when refused."""
-        return self.worker.submit(served_jobs(self.served, model_id, request, self.max_new_tokens))
+        loop = asyncio.get_running_loop()
+        streams, rows = [], []
+        for job in served_jobs(self.served, model_id, request, self.max_new_tokens):
+            cancel = threading.Event()
+            stream = RowStream(job.stops, cancel.set)
+            rows.append(Row(job, functools.partial(self._hold, loop, stream), cancel))
+            streams.append(stream)
+        self.worker.enqueue(rows)
+        return streams
+
+    def _hold(self, loop: asyncio.AbstractEventLoop, stream: RowStream, item: Any) -> None:
+        self._outbox.put((loop, stream, item))
 
     def begin_shutdown(self, grace_seconds: float) -> None:
         """Refuse queued and new requests (503); cut the running rows after `grace_seconds`."""
